@@ -1,0 +1,77 @@
+"""Every private torch API the package relies on, in one place (torch 2.11 to 2.13).
+
+Importing this module imports Dynamo and Inductor (and with them triton, when installed), so
+only code that runs at compile time imports it; `import lowrank_compile` stays lean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch._dynamo
+import torch._dynamo.exc
+import torch._functorch.config as functorch_config
+from torch._dynamo.utils import counters
+from torch._guards import detect_fake_mode
+from torch._inductor.compile_fx import compile_fx
+from torch._inductor.compile_fx import compile_fx_inner
+
+__all__ = [
+    "compile_fx",
+    "compile_fx_inner",
+    "counters",
+    "detect_fake_mode",
+    "dynamo_disable",
+    "no_autograd_cache",
+    "static_fake",
+    "unwrapped_by_dynamo",
+]
+
+
+@contextlib.contextmanager
+def no_autograd_cache() -> Iterator[None]:
+    """Keep AOTAutograd's cache off while the backend compiles.
+
+    The backward graph is rewritten and wrapped after AOTAutograd hands it over. A cached
+    artifact would skip that step, so nothing may be loaded from or saved to that cache.
+    Inductor's FX graph cache keys on the rewritten graph and stays on.
+    """
+    with functorch_config.patch(enable_autograd_cache=False):
+        yield
+
+
+def static_fake(fake_mode: Any, tensor: torch.Tensor) -> torch.Tensor:
+    """A fake tensor with static sizes, for extra graph inputs the backend appends."""
+    return fake_mode.from_tensor(tensor, static_shapes=True)
+
+
+def dynamo_disable(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`torch._dynamo.disable`: Dynamo neither traces `fn` nor anything it calls."""
+    return torch._dynamo.disable(fn, recursive=True)
+
+
+_UNWRAPPED_TYPES: dict[type, type[BaseException]] = {}
+
+
+def unwrapped_by_dynamo(err: BaseException) -> BaseException:
+    """Return `err` as an instance Dynamo re-raises as it is, not wrapped in BackendCompilerFailed.
+
+    Dynamo passes `ShortenTraceback` subclasses through untouched. The result is a subclass
+    of `type(err)`, so `except type(err)` still catches it.
+    """
+    base = getattr(torch._dynamo.exc, "ShortenTraceback", None)
+    if base is None:  # pragma: no cover - torch without ShortenTraceback: plain error
+        return err
+    cls = type(err)
+    sub: type[BaseException] | None = _UNWRAPPED_TYPES.get(cls)
+    if sub is None:
+        sub = type(cls.__name__, (cls, base), {"__module__": cls.__module__})
+        _UNWRAPPED_TYPES[cls] = sub
+    new = BaseException.__new__(sub)
+    BaseException.__init__(new, *err.args)
+    new.first_useful_frame = None  # type: ignore[attr-defined]
+    return new

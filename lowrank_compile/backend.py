@@ -1,0 +1,352 @@
+"""The `lowrank` torch.compile backend: capture, discovery, planning and orchestration.
+
+Dynamo hands every captured graph to `lowrank_backend`. For a graph whose inputs include
+parameters:
+
+1. **Discover and plan.** Find the optimizers that own the parameters (`discovery`), decide
+   per parameter what the backend takes over (`plan`), allocate its state
+   (`runtime.state`), and bind the owning optimizer (`runtime.binding`).
+2. **Compile with Inductor.** The graph goes through Inductor's `compile_fx`, which runs
+   AOTAutograd. Inductor calls back into `_inner_compile` with the forward and the backward
+   graph. The forward is compiled untouched. The backward is rewritten first
+   (`pipeline.backward_passes`) and wrapped in `BackwardWithState`, which feeds it the backend's
+   buffers on every call.
+
+Graphs without parameters (for example the tail of a step after a graph break) go to Inductor
+untouched. So do parameters the plan leaves to torch.optim, with one warning per reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from collections.abc import Sequence
+from typing import Any
+from typing import cast
+
+import torch
+from torch import nn
+
+from lowrank_compile.config import LowRankConfig
+from lowrank_compile.config import LowRankOptionError
+from lowrank_compile.config import parse_options
+from lowrank_compile.plan import Kind
+from lowrank_compile.plan import ParamInfo
+from lowrank_compile.plan import ParamPlan
+from lowrank_compile.plan import make_plan
+from lowrank_compile.runtime import state as state_mod
+from lowrank_compile.runtime.state import ParamState
+
+__all__ = ["LowRankBackend", "LowRankWarning", "lowrank_backend", "reset"]
+
+
+class LowRankWarning(UserWarning):
+    """Something was left to torch.optim / Inductor, or a rewrite could not apply."""
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Issue `message` as a LowRankWarning, once per process."""
+    if message in _warned:
+        return
+    _warned.add(message)
+    warnings.warn(message, LowRankWarning, stacklevel=3)
+
+
+@dataclasses.dataclass
+class GraphRecord:
+    """What the backend saw and did for one Dynamo graph (for inspection and tests)."""
+
+    index: int
+    num_inputs: int
+    param_indices: list[int]
+    planned: dict[int, str]  # forward input index -> parameter name
+    kind: str = (
+        "train"  # "train": user graph with parameters; "other": no parameters; "update": optimizer update
+    )
+    passes: list[Any] = dataclasses.field(default_factory=list)  # PassRecords of the backward
+    backward_compiled: bool = False
+    fallback: str | None = None  # why the backward was not rewritten, if it was not
+
+
+class BackwardWithState:
+    """A compiled backward that also takes the backend's buffers as trailing inputs.
+
+    AOTAutograd calls it boxed (one list of inputs, consumed). It appends the extra inputs that
+    `consume-grads` declared, runs the Inductor-compiled graph, and marks the consumed states as
+    holding a gradient.
+    """
+
+    def __init__(self, compiled: Any, extra: Sequence[tuple[ParamState, str]]) -> None:
+        # An instance attribute: AOTAutograd wraps this object with functools.wraps, which copies
+        # the instance __dict__ (not class attributes) onto the wrapper it calls.
+        self._boxed_call = True
+        self.compiled = compiled
+        self.extra = list(extra)
+        self.touched = list({id(st): st for st, _ in self.extra}.values())
+        self.calls = 0
+
+    def __call__(self, args: list[Any]) -> Any:
+        for st, role in self.extra:
+            if role == "fresh":
+                args.append(_flag(st.grad.device, st.fresh))
+            else:
+                args.append(st.grad)
+        out = self.compiled(args)
+        for st in self.touched:
+            st.fresh = False
+            st.backward_calls += 1
+        self.calls += 1
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.compiled, name)
+
+
+_FLAGS: dict[tuple[torch.device, bool], torch.Tensor] = {}
+
+
+def _flag(device: torch.device, value: bool) -> torch.Tensor:
+    key = (device, value)
+    t = _FLAGS.get(key)
+    if t is None:
+        t = _FLAGS[key] = torch.tensor(value, device=device)
+    return t
+
+
+class LowRankBackend:
+    """The backend for one `LowRankConfig` (and torch.compile `mode`)."""
+
+    def __init__(self, config: LowRankConfig, mode: str | None = None) -> None:
+        self.config = config
+        self.mode = mode
+        self.graphs: list[GraphRecord] = []
+
+    # ------------------------------------------------------------------ compile
+    def inductor_patches(self) -> dict[str, Any]:
+        """Inductor config for every graph: the `mode`'s options, then the `inductor` option."""
+        patches: dict[str, Any] = {}
+        if self.mode not in (None, "default"):
+            import torch._inductor
+
+            patches.update(torch._inductor.list_mode_options(self.mode))
+        patches.update(self.config.inductor_patches())
+        return patches
+
+    def inductor(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+        """Compile `gm` with Inductor, unchanged."""
+        from lowrank_compile import _compat
+
+        return _compat.compile_fx(gm, list(example_inputs), config_patches=self.inductor_patches())
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+        """Compile one Dynamo graph (see the module docstring)."""
+        from lowrank_compile import _compat
+
+        param_indices = [i for i, x in enumerate(example_inputs) if isinstance(x, nn.Parameter)]
+        record = GraphRecord(len(self.graphs), len(example_inputs), param_indices, {})
+        self.graphs.append(record)
+        if not param_indices:
+            record.kind = "other"
+            return self.inductor(gm, example_inputs)
+        if torch._dynamo.config.compiled_autograd:
+            warn_once(
+                "lowrank: compiled autograd is enabled; it replays the backward itself, so the "
+                "backend cannot consume gradients in it. Every parameter is left to torch.optim."
+            )
+            return self.inductor(gm, example_inputs)
+        slots = self._plan_graph([(i, example_inputs[i]) for i in param_indices])
+        record.planned = {i: st.plan.name for i, st in slots.items()}
+        if not slots:
+            return self.inductor(gm, example_inputs)
+        inner = functools.partial(_inner_compile, slots=slots, record=record, num_inputs=len(example_inputs))
+        with _compat.no_autograd_cache():
+            return _compat.compile_fx(
+                gm, list(example_inputs), inner_compile=inner, config_patches=self.inductor_patches()
+            )
+
+    # ------------------------------------------------------------------ planning
+    def _plan_graph(self, params: list[tuple[int, torch.Tensor]]) -> dict[int, ParamState]:
+        """Plan the graph's parameters; return forward input index -> state of those taken over."""
+        from lowrank_compile.discovery import find_owners
+
+        new = [(i, p) for i, p in params if state_mod.decided(p) is None]
+        if new:
+            owners = find_owners(p for _, p in new)
+            infos = [ParamInfo(owners.name_of(p, f"input{i}"), p, owners.optimizer_of(p)) for i, p in new]
+            plan = make_plan(infos, self.config)
+            for (_, p), info, pp in zip(new, infos, plan.params):
+                st = self._take_over(p, info, pp) if pp.kind is not Kind.TORCH else None
+                state_mod.register(p, pp, st)
+            self._warn_left_alone(plan.params)
+        slots: dict[int, ParamState] = {}
+        for i, p in params:
+            st = state_mod.lookup(p)
+            if st is None:
+                continue
+            if st.config != self.config:
+                raise RuntimeError(
+                    f"lowrank: parameter {st.plan.name!r} is already trained by a step compiled with "
+                    f"options {st.config.as_dict()}; this graph was compiled with "
+                    f"{self.config.as_dict()}. Compile every function that trains a model with the "
+                    "same options."
+                )
+            slots[i] = st
+        return slots
+
+    def _take_over(self, p: torch.Tensor, info: ParamInfo, pp: ParamPlan) -> ParamState:
+        from lowrank_compile.optimizers import rule_for
+        from lowrank_compile.runtime.binding import OptimizerBinding
+        from lowrank_compile.runtime.binding import binding_of
+
+        opt, _ = info.owners[0]
+        binding = binding_of(opt)
+        if binding is None:
+            rule = rule_for(opt)
+            assert rule is not None
+            binding = OptimizerBinding(opt, rule, self.config, self.update_backend)
+            binding.install()
+        st = ParamState.create(p, pp, self.config)
+        binding.add(st)
+        return st
+
+    def _warn_left_alone(self, plans: list[ParamPlan]) -> None:
+        reasons: dict[str, list[str]] = {}
+        for pp in plans:
+            if pp.kind is Kind.TORCH and pp.surprising:
+                reasons.setdefault(pp.reason, []).append(pp.name)
+        for reason, names in reasons.items():
+            shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+            warn_once(f"lowrank: left to torch.optim and Inductor untouched: {shown}: {reason}.")
+
+    def update_backend(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+        """Backend for the compiled optimizer update of taken-over parameters."""
+        self.graphs.append(GraphRecord(len(self.graphs), len(example_inputs), [], {}, kind="update"))
+        return self.inductor(gm, example_inputs)
+
+
+def _inner_compile(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    slots: dict[int, ParamState],
+    record: GraphRecord,
+    num_inputs: int,
+    **kwargs: Any,
+) -> Any:
+    """Inductor's inner compile, with the backward graph rewritten first."""
+    from lowrank_compile import _compat
+    from lowrank_compile.passes.consume_grads import EXTRA_INPUTS_KEY
+    from lowrank_compile.passes.consume_grads import GradSlot
+    from lowrank_compile.pipeline import backward_passes
+
+    if not kwargs.get("is_backward"):
+        return _compat.compile_fx_inner(gm, example_inputs, **kwargs)
+    outputs = list(cast(Sequence[Any], gm.graph.output_node().args[0]))
+    problem = _check_backward(outputs, slots, num_inputs)
+    if problem is not None:
+        record.fallback = problem
+        warn_once(
+            f"lowrank: a backward graph was not rewritten ({problem}); its gradients reach .grad "
+            "and are folded into the backend's buffers at opt.step() (correct, but no memory saved)."
+        )
+        return _compat.compile_fx_inner(gm, example_inputs, **kwargs)
+    num_placeholders = len(example_inputs)
+    record.passes = backward_passes(gm, [GradSlot(i) for i in sorted(slots)])
+    extra_spec = gm.meta.get(EXTRA_INPUTS_KEY, [])
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    new_inputs = [n.meta["val"] for n in placeholders[num_placeholders:]]
+    static = list(kwargs.get("static_input_idxs") or [])
+    kwargs["static_input_idxs"] = static + list(range(num_placeholders, num_placeholders + len(new_inputs)))
+    compiled = _compat.compile_fx_inner(gm, list(example_inputs) + new_inputs, **kwargs)
+    record.backward_compiled = True
+    return BackwardWithState(compiled, [(slots[i], role) for i, role in extra_spec])
+
+
+def _check_backward(outputs: list[Any], slots: dict[int, ParamState], num_inputs: int) -> str | None:
+    """Why the backward's outputs do not line up with the forward's inputs, or None when they do."""
+    if len(outputs) != num_inputs:
+        return f"{len(outputs)} gradient outputs for {num_inputs} inputs"
+    for i, st in slots.items():
+        out = outputs[i]
+        val = getattr(out, "meta", {}).get("val") if out is not None else None
+        if val is None:
+            continue
+        if tuple(val.shape) != st.plan.shape or val.dtype != st.plan.dtype:
+            return (
+                f"output {i} is {tuple(val.shape)}/{val.dtype}, parameter {st.plan.name} is {st.plan.shape}"
+            )
+    return None
+
+
+def _check_built(config: LowRankConfig) -> None:
+    """Refuse options whose names are fixed but whose features are not built yet."""
+    if config.rank is not None:
+        raise LowRankOptionError(
+            f"lowrank option 'rank': got {config.rank!r}; low-rank projection is not built yet, only "
+            "rank=None (full-rank states) is supported in this version"
+        )
+    if config.state_bits != 32:
+        raise LowRankOptionError(
+            f"lowrank option 'state_bits': got {config.state_bits!r}; 8-bit states are not built yet, "
+            "only state_bits=32 is supported in this version"
+        )
+
+
+_BACKENDS: dict[tuple[LowRankConfig, str | None], LowRankBackend] = {}
+
+
+def get_backend(config: LowRankConfig, mode: str | None = None) -> LowRankBackend:
+    """The backend instance for `config` and `mode` (one per pair, so its records accumulate)."""
+    key = (config, mode)
+    be = _BACKENDS.get(key)
+    if be is None:
+        be = _BACKENDS[key] = LowRankBackend(config, mode)
+    return be
+
+
+def lowrank_backend(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: dict[str, Any] | None = None,
+    mode: str | None = None,
+) -> Any:
+    """The `lowrank` backend, as registered through the `torch_dynamo_backends` entry point."""
+    try:
+        config = parse_options(options)
+        _check_built(config)
+    except LowRankOptionError as err:
+        from lowrank_compile import _compat
+
+        raise _compat.unwrapped_by_dynamo(err) from None
+    return get_backend(config, mode)(gm, example_inputs)
+
+
+def all_backends() -> list[LowRankBackend]:
+    """Every backend instance created since the last reset (one per options/mode pair)."""
+    return list(_BACKENDS.values())
+
+
+def all_bindings() -> list[Any]:
+    """Every live optimizer binding."""
+    seen: dict[int, Any] = {}
+    for st in list(state_mod._STATES.values()):
+        if st.binding is not None:
+            seen[id(st.binding)] = st.binding
+    return list(seen.values())
+
+
+def reset() -> None:
+    """Forget every plan, unbind every optimizer and clear Dynamo's caches.
+
+    Parameters keep their current values. Optimizer states owned by the backend are dropped.
+    """
+    for b in all_bindings():
+        b.uninstall()
+    state_mod.registry_clear()
+    _BACKENDS.clear()
+    _warned.clear()
+    torch._dynamo.reset()

@@ -1,0 +1,190 @@
+"""Backend options: the frozen `LowRankConfig` and the parser that validates `options={...}`.
+
+`torch.compile(step, backend="lowrank", options={...})` hands the dict to the backend; it is
+parsed here once. An unknown name or a bad value raises `LowRankOptionError`, whose message
+names the option and the values it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Iterable
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["LowRankConfig", "LowRankOptionError", "OPTION_DOCS", "parse_options"]
+
+
+class LowRankOptionError(ValueError):
+    """A bad `options={...}` entry for the `lowrank` backend.
+
+    Raised from inside `torch.compile`'s first call; the backend re-raises it so that Dynamo
+    does not wrap it in `BackendCompilerFailed` (see `_compat.unwrapped_by_dynamo`).
+    """
+
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right")
+PROJECTORS = ("svd", "randomized", "dct")
+STATE_BITS = (32, 8)
+
+# One line per option: (accepted values, meaning). The README table and `lowrank-compile options`
+# are generated from this, so the three never disagree.
+OPTION_DOCS: dict[str, tuple[str, str]] = {
+    "rank": (
+        "int >= 1, float in (0, 1], or None",
+        "projection rank of GaLore matrices: absolute, or a fraction of the short side; "
+        "None = no projection (every taken-over parameter keeps full-rank states)",
+    ),
+    "update_gap": ("int >= 1", "steps between projector refreshes (refresh at steps 0, T, 2T, ...)"),
+    "scale": ("finite float > 0", "GaLore's alpha: the projected update is multiplied by it"),
+    "proj_type": (" | ".join(PROJ_TYPES), "which side of the matrix is projected (std keeps the long side)"),
+    "projector": (" | ".join(PROJECTORS), "how the projector is refreshed"),
+    "state_bits": ("32 | 8", "storage of the optimizer states the backend owns"),
+    "min_dim": (
+        "int >= 1",
+        "parameters whose short side is below this stay with torch.optim (1-D ones always do)",
+    ),
+    "include": (
+        "glob or list of globs",
+        "only parameters whose name matches one of these are taken over",
+    ),
+    "exclude": ("glob or list of globs", "parameters whose name matches one of these stay with torch.optim"),
+    "inductor": ("dict", "Inductor config patches applied to every graph the backend compiles"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankConfig:
+    """Options of the `lowrank` backend, validated and immutable (see README's options table)."""
+
+    rank: int | float | None = None
+    update_gap: int = 200
+    scale: float = 0.25
+    proj_type: str = "std"
+    projector: str = "svd"
+    state_bits: int = 32
+    min_dim: int = 32
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    inductor: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> LowRankConfig:
+        """Parse a `torch.compile(..., options=...)` dict; see `parse_options`."""
+        return parse_options(options)
+
+    def resolved_rank(self, shape: tuple[int, ...]) -> int | None:
+        """The integer rank for a matrix of `shape` (None when projection is off)."""
+        if self.rank is None:
+            return None
+        short = min(shape[0], math.prod(shape[1:]))
+        if isinstance(self.rank, float):
+            return max(1, int(round(self.rank * short)))
+        return int(self.rank)
+
+    def inductor_patches(self) -> dict[str, Any]:
+        """The `inductor` option as a dict for `torch._inductor.config.patch`."""
+        return dict(self.inductor)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The options as a plain dict (what `parse_options` accepts back)."""
+        out = dataclasses.asdict(self)
+        out["include"] = list(self.include)
+        out["exclude"] = list(self.exclude)
+        out["inductor"] = dict(self.inductor)
+        return out
+
+
+def _fail(name: str, value: Any, accepted: str | None = None) -> LowRankOptionError:
+    accepted = accepted or OPTION_DOCS[name][0]
+    return LowRankOptionError(f"lowrank option {name!r}: got {value!r}; accepted values: {accepted}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate(cfg: LowRankConfig) -> None:
+    rank = cfg.rank
+    if rank is not None:
+        if _is_int(rank):
+            if rank < 1:
+                raise _fail("rank", rank)
+        elif isinstance(rank, float):
+            if not (math.isfinite(rank) and 0.0 < rank <= 1.0):
+                raise _fail("rank", rank)
+        else:
+            raise _fail("rank", rank)
+    if not _is_int(cfg.update_gap) or cfg.update_gap < 1:
+        raise _fail("update_gap", cfg.update_gap)
+    if (
+        isinstance(cfg.scale, bool)
+        or not isinstance(cfg.scale, (int, float))
+        or not math.isfinite(cfg.scale)
+        or cfg.scale <= 0
+    ):
+        raise _fail("scale", cfg.scale)
+    if cfg.proj_type not in PROJ_TYPES:
+        raise _fail("proj_type", cfg.proj_type)
+    if cfg.projector not in PROJECTORS:
+        raise _fail("projector", cfg.projector)
+    if cfg.state_bits not in STATE_BITS or not _is_int(cfg.state_bits):
+        raise _fail("state_bits", cfg.state_bits)
+    if not _is_int(cfg.min_dim) or cfg.min_dim < 1:
+        raise _fail("min_dim", cfg.min_dim)
+    for name in ("include", "exclude"):
+        globs = getattr(cfg, name)
+        if not isinstance(globs, tuple) or not all(isinstance(g, str) and g for g in globs):
+            raise _fail(name, globs)
+
+
+def _globs(name: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Iterable) and not isinstance(value, Mapping):
+        items = tuple(value)
+        if all(isinstance(g, str) and g for g in items):
+            return items
+    raise _fail(name, value)
+
+
+def parse_options(options: Mapping[str, Any] | None) -> LowRankConfig:
+    """Turn the `options` dict given to `torch.compile` into a `LowRankConfig`.
+
+    Args:
+        options: option name -> value; None or {} gives the defaults.
+
+    Raises:
+        LowRankOptionError: for an unknown name (with the accepted names and a close match) or
+            a value outside the accepted set.
+    """
+    if options is None:
+        return LowRankConfig()
+    if isinstance(options, LowRankConfig):
+        return options
+    if not isinstance(options, Mapping):
+        raise LowRankOptionError(f"lowrank options must be a dict, got {type(options).__name__}")
+    fields = {f.name for f in dataclasses.fields(LowRankConfig)}
+    kwargs: dict[str, Any] = {}
+    for key, value in options.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), sorted(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise LowRankOptionError(
+                f"unknown lowrank option {key!r}{hint}; accepted options: {', '.join(OPTION_DOCS)}"
+            )
+        if key in ("include", "exclude"):
+            value = _globs(key, value)
+        elif key == "inductor":
+            if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+                raise _fail("inductor", value)
+            value = tuple(sorted(value.items()))
+        kwargs[key] = value
+    return LowRankConfig(**kwargs)

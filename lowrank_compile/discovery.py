@@ -1,0 +1,83 @@
+"""Find the optimizers and modules that own a graph's parameters.
+
+Dynamo hands the backend real `nn.Parameter` objects among a graph's example inputs, but not
+the optimizer that updates them nor their names. A single scan of the objects the garbage
+collector tracks finds both. It runs once per graph that brings parameters not seen before.
+"""
+
+from __future__ import annotations
+
+import gc
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from dataclasses import field
+
+import torch
+from torch import nn
+
+__all__ = ["Owners", "find_owners"]
+
+
+@dataclass
+class Owners:
+    """What the scan found for a set of parameters (keyed by `id(param)`)."""
+
+    optimizers: dict[int, list[tuple[torch.optim.Optimizer, int]]] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)
+
+    def optimizer_of(self, p: torch.Tensor) -> list[tuple[torch.optim.Optimizer, int]]:
+        """Every (optimizer, param-group index) that lists `p`."""
+        return self.optimizers.get(id(p), [])
+
+    def name_of(self, p: torch.Tensor, fallback: str) -> str:
+        """The parameter's name in its outermost module, or `fallback`."""
+        return self.names.get(id(p), fallback)
+
+
+def _tracked_objects() -> list[object]:
+    found: list[object] = []
+    # isinstance() on some module-level proxies fires deprecation warnings; they are not ours.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            try:
+                if isinstance(obj, (torch.optim.Optimizer, nn.Module)):
+                    found.append(obj)
+            except ReferenceError:  # a dead weakref.proxy raises on isinstance
+                continue
+    return found
+
+
+def find_owners(params: Iterable[torch.Tensor]) -> Owners:
+    """Scan live objects for the optimizers and modules that hold `params`.
+
+    A parameter's name comes from the module that holds the most of `params` (ties go to the
+    innermost such module, so a wrapper adds no prefix), then from the next, and so on, so
+    names read like the user's `model.named_parameters()`.
+    """
+    wanted = {id(p): p for p in params}
+    owners = Owners()
+    modules: list[nn.Module] = []
+    for obj in _tracked_objects():
+        if isinstance(obj, torch.optim.Optimizer):
+            for gi, group in enumerate(obj.param_groups):
+                for p in group["params"]:
+                    if wanted.get(id(p)) is p:
+                        owners.optimizers.setdefault(id(p), []).append((obj, gi))
+        else:
+            assert isinstance(obj, nn.Module)
+            modules.append(obj)
+    holds: list[tuple[int, int, nn.Module]] = []
+    for m in modules:
+        held = sum(1 for p in m.parameters() if wanted.get(id(p)) is p)
+        if held:
+            holds.append((-held, sum(1 for _ in m.modules()), m))
+    holds.sort(key=lambda t: (t[0], t[1]))
+    for _, _, root in holds:
+        for name, p in root.named_parameters(remove_duplicate=True):
+            if wanted.get(id(p)) is p and id(p) not in owners.names:
+                owners.names[id(p)] = name
+        if len(owners.names) == len(wanted):
+            break
+    return owners

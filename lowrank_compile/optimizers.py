@@ -1,0 +1,94 @@
+"""The optimizers the backend takes over, and what it must know about each.
+
+The backend does not re-implement any update rule. It runs the optimizer's own `step` on a
+shadow instance of the same class whose parameters are the backend's tensors (see
+`runtime/binding.py`). A registry entry only says what tracing cannot: which settings are
+supported, how many full-size states eager torch.optim would allocate (for the plan's byte
+counts), and whether weight decay is decoupled (applied to W) or L2 (added to the gradient).
+A later projection step needs that last fact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["OptimizerRule", "rule_for", "supported_names"]
+
+
+@dataclass(frozen=True)
+class OptimizerRule:
+    """What the backend needs to know about one optimizer class."""
+
+    name: str
+    # Number of full-size state tensors eager torch.optim keeps per parameter for a group.
+    states_per_param: Callable[[Mapping[str, Any]], int]
+    # True when weight decay multiplies W directly (AdamW, Lion), False for L2 (Adam, SGD).
+    decoupled_weight_decay: Callable[[Mapping[str, Any]], bool]
+    # Returns why a param group cannot be taken over, or None when it can.
+    unsupported: Callable[[Mapping[str, Any]], str | None]
+    # dtype of the 0-d tensor that carries `lr` into the compiled update. float64 keeps products
+    # like 1 - lr * weight_decay as exact as eager's Python floats.
+    lr_dtype: torch.dtype = torch.float64
+
+
+def _adam_states(group: Mapping[str, Any]) -> int:
+    return 3 if group.get("amsgrad") else 2
+
+
+def _adam_unsupported(group: Mapping[str, Any]) -> str | None:
+    if group.get("differentiable"):
+        return "differentiable=True (the update would need autograd through the step)"
+    if group.get("fused"):
+        return "fused=True (the fused kernel cannot be traced; use the default)"
+    return None
+
+
+def _sgd_unsupported(group: Mapping[str, Any]) -> str | None:
+    if group.get("differentiable"):
+        return "differentiable=True (the update would need autograd through the step)"
+    if group.get("fused"):
+        return "fused=True (the fused kernel cannot be traced; use the default)"
+    return None
+
+
+_RULES: dict[type, OptimizerRule] = {
+    torch.optim.AdamW: OptimizerRule(
+        name="AdamW",
+        states_per_param=_adam_states,
+        decoupled_weight_decay=lambda g: True,
+        unsupported=_adam_unsupported,
+    ),
+    torch.optim.Adam: OptimizerRule(
+        name="Adam",
+        states_per_param=_adam_states,
+        decoupled_weight_decay=lambda g: bool(g.get("decoupled_weight_decay", False)),
+        unsupported=_adam_unsupported,
+    ),
+    torch.optim.SGD: OptimizerRule(
+        name="SGD",
+        states_per_param=lambda g: 1 if g.get("momentum", 0) else 0,
+        decoupled_weight_decay=lambda g: False,
+        unsupported=_sgd_unsupported,
+        # A float64 0-d lr makes Dynamo's trace of SGD.step diverge (SpeculationLogDivergence,
+        # torch 2.13); fp32 costs ~3e-8 relative on lr.
+        lr_dtype=torch.float32,
+    ),
+}
+
+
+def rule_for(optimizer: torch.optim.Optimizer) -> OptimizerRule | None:
+    """The rule for `optimizer`'s exact class, or None when the backend does not take it over.
+
+    Subclasses are not matched: a subclass may change `step` in ways the rule does not know.
+    """
+    return _RULES.get(type(optimizer))
+
+
+def supported_names() -> list[str]:
+    """Names of the supported optimizer classes, for messages."""
+    return sorted(r.name for r in _RULES.values())

@@ -1,0 +1,187 @@
+"""The per-parameter plan: what the backend takes over, what it leaves to torch.optim, and why.
+
+`make_plan` is a pure function of the parameters, their owners and the config, so it can be
+tested and printed without compiling anything.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lowrank_compile.config import LowRankConfig
+from lowrank_compile.optimizers import rule_for
+from lowrank_compile.optimizers import supported_names
+
+__all__ = ["Kind", "ParamPlan", "Plan", "make_plan"]
+
+
+class Kind(str, enum.Enum):
+    """How one parameter is trained."""
+
+    FULL = "full"  # taken over: gradient consumed in backward, full-rank states owned by the backend
+    TORCH = "torch"  # left to torch.optim, untouched
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    """The decision for one parameter."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    kind: Kind
+    reason: str
+    optimizer: str | None
+    group: int | None
+    rank: int | None
+    state_bytes: int  # optimizer-state bytes under this plan (backend's or torch.optim's)
+    eager_state_bytes: int  # what eager torch.optim with the same optimizer would keep
+    # True when the user probably expected the backend to take the parameter over (unsupported
+    # optimizer or settings, no optimizer found): the backend warns once about these.
+    surprising: bool = False
+
+    @property
+    def numel(self) -> int:
+        """Number of elements of the parameter."""
+        return math.prod(self.shape)
+
+    @property
+    def taken_over(self) -> bool:
+        """True when the backend owns this parameter's gradient and update."""
+        return self.kind is not Kind.TORCH
+
+
+@dataclass
+class Plan:
+    """All parameter decisions of one compiled program, in discovery order."""
+
+    params: list[ParamPlan]
+
+    def taken_over(self) -> list[ParamPlan]:
+        """The parameters the backend owns."""
+        return [p for p in self.params if p.taken_over]
+
+    def state_bytes(self) -> tuple[int, int]:
+        """(optimizer-state bytes under the plan, bytes eager torch.optim would keep)."""
+        return sum(p.state_bytes for p in self.params), sum(p.eager_state_bytes for p in self.params)
+
+    def table(self) -> str:
+        """A fixed-width text table, one row per parameter, and a totals line."""
+        header = ("name", "shape", "kind", "rank", "optimizer", "state B", "eager B", "reason")
+        rows = [
+            (
+                p.name,
+                "x".join(map(str, p.shape)) or "scalar",
+                str(p.kind),
+                "-" if p.rank is None else str(p.rank),
+                "-" if p.optimizer is None else f"{p.optimizer}[{p.group}]",
+                str(p.state_bytes),
+                str(p.eager_state_bytes),
+                p.reason,
+            )
+            for p in self.params
+        ]
+        ours, eager = self.state_bytes()
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        ratio = f" ({100.0 * ours / eager:.1f}% of eager)" if eager else ""
+        lines.append(f"optimizer state: {ours} B under the plan vs {eager} B eager{ratio}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """What `make_plan` needs to know about one parameter."""
+
+    name: str
+    param: torch.Tensor
+    owners: Sequence[tuple[torch.optim.Optimizer, int]]
+
+
+def _matches(name: str, globs: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def _short_side(shape: tuple[int, ...]) -> int:
+    return min(shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (shape[0] if shape else 1)
+
+
+def plan_param(info: ParamInfo, config: LowRankConfig) -> ParamPlan:
+    """Decide how one parameter is trained (see the README's "What is taken over")."""
+    p = info.param
+    shape = tuple(p.shape)
+    elt = p.element_size()
+
+    def decide(
+        kind: Kind,
+        reason: str,
+        opt: torch.optim.Optimizer | None = None,
+        group: int | None = None,
+        surprising: bool = False,
+    ) -> ParamPlan:
+        eager = 0
+        if opt is not None and group is not None:
+            rule = rule_for(opt)
+            if rule is not None:
+                eager = rule.states_per_param(opt.param_groups[group]) * p.numel() * elt
+        return ParamPlan(
+            name=info.name,
+            shape=shape,
+            dtype=p.dtype,
+            kind=kind,
+            reason=reason,
+            optimizer=type(opt).__name__ if opt is not None else None,
+            group=group,
+            rank=None,
+            # Full-rank fp32 states owned by the backend cost what torch.optim's would.
+            state_bytes=eager,
+            eager_state_bytes=eager,
+            surprising=surprising,
+        )
+
+    if not p.requires_grad:
+        return decide(Kind.TORCH, "requires_grad=False")
+    if not info.owners:
+        return decide(Kind.TORCH, "no torch.optim optimizer holds it", surprising=True)
+    if len({id(o) for o, _ in info.owners}) > 1 or len(info.owners) > 1:
+        names = ", ".join(type(o).__name__ for o, _ in info.owners)
+        return decide(Kind.TORCH, f"listed by more than one optimizer/param group ({names})", surprising=True)
+    opt, group = info.owners[0]
+    rule = rule_for(opt)
+    if rule is None:
+        return decide(
+            Kind.TORCH,
+            f"optimizer {type(opt).__name__} is not supported (supported: {', '.join(supported_names())})",
+            opt,
+            group,
+            surprising=True,
+        )
+    why = rule.unsupported(opt.param_groups[group])
+    if why is not None:
+        return decide(Kind.TORCH, f"{rule.name} with {why}", opt, group, surprising=True)
+    if config.exclude and _matches(info.name, config.exclude):
+        return decide(Kind.TORCH, "matched by option exclude", opt, group)
+    if config.include and not _matches(info.name, config.include):
+        return decide(Kind.TORCH, "not matched by option include", opt, group)
+    if not p.dtype.is_floating_point or p.is_sparse or p.is_complex():
+        return decide(Kind.TORCH, f"dtype/layout {p.dtype}/{p.layout} not supported", opt, group)
+    if p.dim() < 2:
+        return decide(Kind.TORCH, "1-D (bias/norm): too small to matter", opt, group)
+    if _short_side(shape) < config.min_dim:
+        return decide(Kind.TORCH, f"short side {_short_side(shape)} < min_dim={config.min_dim}", opt, group)
+    return decide(Kind.FULL, "full-rank state in the backend (rank=None)", opt, group)
+
+
+def make_plan(infos: Sequence[ParamInfo], config: LowRankConfig) -> Plan:
+    """Plan every parameter in `infos` under `config`."""
+    return Plan([plan_param(i, config) for i in infos])

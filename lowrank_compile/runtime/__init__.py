@@ -1,0 +1,1 @@
+"""Runtime: per-parameter state, optimizer bindings, projectors and kernels."""

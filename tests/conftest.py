@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import lowrank_compile
+
+
+@pytest.fixture(autouse=True)
+def _fresh_backend():
+    """Every test starts with no plans, no bound optimizers and empty Dynamo caches."""
+    lowrank_compile.reset()
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        # Dynamo's tracing of optimizers logs this; it is not ours.
+        warnings.filterwarnings("ignore", message=".*record_function.*")
+        yield
+    lowrank_compile.reset()
