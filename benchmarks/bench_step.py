@@ -97,7 +97,8 @@ def main(argv=None):
     table = "\n".join(lines)
     print(table)
     if args.record:
-        device = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+        cpu = platform.processor() or platform.machine()
+        device = f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
         with open(pathlib.Path(__file__).with_name("RESULTS.md"), "a") as f:
             f.write(f"\n### bench_step.py, {datetime.date.today()}, {device}\n\n{table}\n")
 

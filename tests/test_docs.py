@@ -26,5 +26,7 @@ def test_readme_has_the_two_commands_and_ci_runs_one():
 
 
 def test_cli_options_runs():
-    out = subprocess.run([sys.executable, "-m", "lowrank_compile.cli", "options"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "lowrank_compile.cli", "options"], capture_output=True, text=True
+    )
     assert out.returncode == 0 and "update_gap" in out.stdout and "default 200" in out.stdout
