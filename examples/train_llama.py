@@ -23,7 +23,7 @@ import time
 
 import torch
 
-DEFAULT_OPTIONS = {"rank": None, "state_bits": 32}
+DEFAULT_OPTIONS: dict = {}  # the backend's defaults (see README "Options")
 
 
 def load_corpus(max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,8 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(summary, indent=2))
     else:
         print()
-        print(f"model: LlamaForCausalLM, {n_params / 1e6:.2f}M parameters; backend options {args.options}")
-        print(f"parameters taken over by the backend: {len(taken)}")
+        opts = args.options or "defaults"
+        print(f"model: LlamaForCausalLM, {n_params / 1e6:.2f}M parameters; backend options {opts}")
+        kinds = {k: sum(1 for p in taken if p.kind.value == k) for k in ("projected", "full")}
+        split = f"{kinds['projected']} projected, {kinds['full']} full-rank"
+        print(f"parameters taken over by the backend: {len(taken)} ({split})")
         print(f"train loss: {losses[0]:.3f} -> {summary['train_loss_last10']:.3f} (mean of last 10)")
         if evals:
             print("val loss:   " + "  ".join(f"step {s}: {v:.3f}" for s, v in evals))

@@ -26,6 +26,7 @@ __all__ = [
     "counters",
     "detect_fake_mode",
     "dynamo_disable",
+    "guard_on_identity",
     "no_autograd_cache",
     "static_fake",
     "unwrapped_by_dynamo",
@@ -47,6 +48,32 @@ def no_autograd_cache() -> Iterator[None]:
 def static_fake(fake_mode: Any, tensor: torch.Tensor) -> torch.Tensor:
     """A fake tensor with static sizes, for extra graph inputs the backend appends."""
     return fake_mode.from_tensor(tensor, static_shapes=True)
+
+
+def guard_on_identity(gm: torch.fx.GraphModule, indices: list[int]) -> int:
+    """Make Dynamo reuse this graph only for the very same objects at input positions `indices`.
+
+    Parameters are graph inputs, so Dynamo's guards check their structure, not which model they
+    belong to. Without this, a graph compiled for one model instance runs for another model of
+    the same architecture. The backward the backend rewrote holds per-parameter state, so it must
+    never be shared. The guards are added to the tracing context while the backend runs; Dynamo
+    installs them with the frame's others. Returns how many guards were added.
+    """
+    from torch._dynamo.guards import GuardBuilder
+
+    tc = torch._guards.TracingContext.try_get()
+    if tc is None:
+        return 0
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    added = 0
+    for i in indices:
+        grapharg = placeholders[i].meta.get("grapharg") if i < len(placeholders) else None
+        source = getattr(grapharg, "source", None)
+        if source is None:
+            continue
+        tc.guards_context.dynamo_guards.add(source.make_guard(GuardBuilder.ID_MATCH))
+        added += 1
+    return added
 
 
 def dynamo_disable(fn: Callable[..., Any]) -> Callable[..., Any]:

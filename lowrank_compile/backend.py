@@ -70,36 +70,49 @@ class GraphRecord:
     passes: list[Any] = dataclasses.field(default_factory=list)  # PassRecords of the backward
     backward_compiled: bool = False
     fallback: str | None = None  # why the backward was not rewritten, if it was not
+    identity_guards: int = 0  # ID_MATCH guards added so the graph never runs on other parameters
 
 
 class BackwardWithState:
     """A compiled backward that also takes the backend's buffers as trailing inputs.
 
-    AOTAutograd calls it boxed (one list of inputs, consumed). It appends the extra inputs that
-    `consume-grads` declared, runs the Inductor-compiled graph, and marks the consumed states as
-    holding a gradient.
+    AOTAutograd calls it boxed (one list of inputs, consumed). There is one compiled graph per
+    variant: "steady", and "refresh" when the graph holds projected parameters. Each call picks
+    a variant, appends the extra inputs that consume-grads declared for it, runs the graph, and
+    marks the consumed states as holding a gradient.
     """
 
-    def __init__(self, compiled: Any, extra: Sequence[tuple[ParamState, str]]) -> None:
+    def __init__(self, variants: dict[str, tuple[Any, list[tuple[ParamState, str]]]]) -> None:
         # An instance attribute: AOTAutograd wraps this object with functools.wraps, which copies
         # the instance __dict__ (not class attributes) onto the wrapper it calls.
         self._boxed_call = True
-        self.compiled = compiled
-        self.extra = list(extra)
-        self.touched = list({id(st): st for st, _ in self.extra}.values())
-        self.calls = 0
+        self.variants = variants
+        first = next(iter(variants.values()))
+        self.compiled = first[0]
+        self.states = list({id(st): st for st, _ in first[1]}.values())
+        self.projected = [st for st in self.states if st.proj is not None]
+        self.calls: dict[str, int] = {name: 0 for name in variants}
+
+    def variant(self) -> str:
+        """The variant the next call runs."""
+        if "refresh" in self.variants and any(st.proj.refresh_due() for st in self.projected if st.proj):
+            return "refresh"
+        return "steady"
 
     def __call__(self, args: list[Any]) -> Any:
-        for st, role in self.extra:
+        name = self.variant()
+        compiled, extra = self.variants[name]
+        for st, role in extra:
             if role == "fresh":
-                args.append(_flag(st.grad.device, st.fresh))
+                args.append(_flag(st.view.device, st.fresh))
             else:
-                args.append(st.grad)
-        out = self.compiled(args)
-        for st in self.touched:
+                args.append(st.input_for(role))
+        out = compiled(args)
+        for st in self.states:
             st.fresh = False
             st.backward_calls += 1
-        self.calls += 1
+            st.calls_since_zero += 1
+        self.calls[name] += 1
         return out
 
     def __getattr__(self, name: str) -> Any:
@@ -148,7 +161,17 @@ class LowRankBackend:
 
         param_indices = [i for i, x in enumerate(example_inputs) if isinstance(x, nn.Parameter)]
         record = GraphRecord(len(self.graphs), len(example_inputs), param_indices, {})
+        compiled = self._compile(gm, example_inputs, record, _compat)
+        # Recorded only once compiled: Dynamo may abandon an attempt (it restarts analysis from
+        # inside the backend) and call again.
+        record.index = len(self.graphs)
         self.graphs.append(record)
+        return compiled
+
+    def _compile(
+        self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any], record: GraphRecord, _compat: Any
+    ) -> Any:
+        param_indices = record.param_indices
         if not param_indices:
             record.kind = "other"
             return self.inductor(gm, example_inputs)
@@ -158,10 +181,11 @@ class LowRankBackend:
                 "backend cannot consume gradients in it. Every parameter is left to torch.optim."
             )
             return self.inductor(gm, example_inputs)
-        slots = self._plan_graph([(i, example_inputs[i]) for i in param_indices])
+        slots = self._plan_graph(gm, [(i, example_inputs[i]) for i in param_indices])
         record.planned = {i: st.plan.name for i, st in slots.items()}
         if not slots:
             return self.inductor(gm, example_inputs)
+        record.identity_guards = _compat.guard_on_identity(gm, sorted(slots))
         inner = functools.partial(_inner_compile, slots=slots, record=record, num_inputs=len(example_inputs))
         with _compat.no_autograd_cache():
             return _compat.compile_fx(
@@ -169,14 +193,21 @@ class LowRankBackend:
             )
 
     # ------------------------------------------------------------------ planning
-    def _plan_graph(self, params: list[tuple[int, torch.Tensor]]) -> dict[int, ParamState]:
+    def _plan_graph(
+        self, gm: torch.fx.GraphModule, params: list[tuple[int, torch.Tensor]]
+    ) -> dict[int, ParamState]:
         """Plan the graph's parameters; return forward input index -> state of those taken over."""
         from lowrank_compile.discovery import find_owners
+        from lowrank_compile.roles import param_roles
 
         new = [(i, p) for i, p in params if state_mod.decided(p) is None]
         if new:
             owners = find_owners(p for _, p in new)
-            infos = [ParamInfo(owners.name_of(p, f"input{i}"), p, owners.optimizer_of(p)) for i, p in new]
+            roles = param_roles(gm, [i for i, _ in new])
+            infos = [
+                ParamInfo(owners.name_of(p, f"input{i}"), p, owners.optimizer_of(p), roles.get(i, "other"))
+                for i, p in new
+            ]
             plan = make_plan(infos, self.config)
             for (_, p), info, pp in zip(new, infos, plan.params):
                 st = self._take_over(p, info, pp) if pp.kind is not Kind.TORCH else None
@@ -224,8 +255,39 @@ class LowRankBackend:
 
     def update_backend(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
         """Backend for the compiled optimizer update of taken-over parameters."""
+        compiled = self.inductor(gm, example_inputs)
         self.graphs.append(GraphRecord(len(self.graphs), len(example_inputs), [], {}, kind="update"))
-        return self.inductor(gm, example_inputs)
+        return compiled
+
+
+def _slot(i: int, st: ParamState, variant: str) -> Any:
+    """How consume-grads consumes parameter `st`'s gradient in `variant`."""
+    from lowrank_compile.passes.consume_grads import GradSlot
+    from lowrank_compile.runtime.projector import sketch_sizes
+
+    pj = st.proj
+    if pj is None:
+        return GradSlot(i, "full")
+    if st.config.grad_accumulation == "full":
+        return GradSlot(i, "full")
+    dct = pj.method == "dct"
+    if variant == "steady":
+        return GradSlot(i, "project", side=pj.side, dct=dct, rank=pj.rank)
+    if pj.method == "randomized":
+        k = sketch_sizes(pj.rank, pj.reduced, pj.kept)
+        return GradSlot(i, "sketch", side=pj.side, dct=dct, rank=pj.rank, sketch_k=k)
+    return GradSlot(i, "full")
+
+
+def _clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    new = torch.fx.GraphModule(gm, graph)
+    new.meta = dict(gm.meta)
+    out_node = gm.graph.output_node()
+    graph.output_node().meta.update(out_node.meta)
+    return new
 
 
 def _inner_compile(
@@ -237,10 +299,9 @@ def _inner_compile(
     num_inputs: int,
     **kwargs: Any,
 ) -> Any:
-    """Inductor's inner compile, with the backward graph rewritten first."""
+    """Inductor's inner compile, with the backward graph rewritten first (one compile per variant)."""
     from lowrank_compile import _compat
     from lowrank_compile.passes.consume_grads import EXTRA_INPUTS_KEY
-    from lowrank_compile.passes.consume_grads import GradSlot
     from lowrank_compile.pipeline import backward_passes
 
     if not kwargs.get("is_backward"):
@@ -254,16 +315,30 @@ def _inner_compile(
             "and are folded into the backend's buffers at opt.step() (correct, but no memory saved)."
         )
         return _compat.compile_fx_inner(gm, example_inputs, **kwargs)
+    names = ["steady"]
+    if any(st.proj is not None for st in slots.values()) and any(
+        _slot(i, st, "refresh") != _slot(i, st, "steady") for i, st in slots.items()
+    ):
+        names.append("refresh")
     num_placeholders = len(example_inputs)
-    record.passes = backward_passes(gm, [GradSlot(i) for i in sorted(slots)])
-    extra_spec = gm.meta.get(EXTRA_INPUTS_KEY, [])
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    new_inputs = [n.meta["val"] for n in placeholders[num_placeholders:]]
-    static = list(kwargs.get("static_input_idxs") or [])
-    kwargs["static_input_idxs"] = static + list(range(num_placeholders, num_placeholders + len(new_inputs)))
-    compiled = _compat.compile_fx_inner(gm, list(example_inputs) + new_inputs, **kwargs)
+    static = list(kwargs.pop("static_input_idxs", None) or [])
+    variants: dict[str, tuple[Any, list[tuple[ParamState, str]]]] = {}
+    pristine = _clone(gm) if len(names) > 1 else gm
+    for name in names:
+        vgm = gm if name == names[-1] else _clone(pristine)
+        records = backward_passes(vgm, [_slot(i, st, name) for i, st in sorted(slots.items())])
+        for rec in records:
+            rec.name = f"{rec.name} [{name}]" if len(names) > 1 else rec.name
+        record.passes.extend(records)
+        placeholders = [n for n in vgm.graph.nodes if n.op == "placeholder"]
+        new_inputs = [n.meta["val"] for n in placeholders[num_placeholders:]]
+        vkw = dict(kwargs)
+        vkw["static_input_idxs"] = static + list(range(num_placeholders, num_placeholders + len(new_inputs)))
+        compiled = _compat.compile_fx_inner(vgm, list(example_inputs) + new_inputs, **vkw)
+        spec = vgm.meta.get(EXTRA_INPUTS_KEY, [])
+        variants[name] = (compiled, [(slots[i], role) for i, role in spec])
     record.backward_compiled = True
-    return BackwardWithState(compiled, [(slots[i], role) for i, role in extra_spec])
+    return BackwardWithState(variants)
 
 
 def _check_backward(outputs: list[Any], slots: dict[int, ParamState], num_inputs: int) -> str | None:
@@ -284,11 +359,6 @@ def _check_backward(outputs: list[Any], slots: dict[int, ParamState], num_inputs
 
 def _check_built(config: LowRankConfig) -> None:
     """Refuse options whose names are fixed but whose features are not built yet."""
-    if config.rank is not None:
-        raise LowRankOptionError(
-            f"lowrank option 'rank': got {config.rank!r}; low-rank projection is not built yet, only "
-            "rank=None (full-rank states) is supported in this version"
-        )
     if config.state_bits != 32:
         raise LowRankOptionError(
             f"lowrank option 'state_bits': got {config.state_bits!r}; 8-bit states are not built yet, "
@@ -344,8 +414,11 @@ def reset() -> None:
 
     Parameters keep their current values. Optimizer states owned by the backend are dropped.
     """
+    from lowrank_compile.runtime import clip
+
     for b in all_bindings():
         b.uninstall()
+    clip.uninstall()
     state_mod.registry_clear()
     _BACKENDS.clear()
     _warned.clear()

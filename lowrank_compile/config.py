@@ -28,6 +28,7 @@ class LowRankOptionError(ValueError):
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 PROJECTORS = ("svd", "randomized", "dct")
 STATE_BITS = (32, 8)
+GRAD_ACCUMULATION = ("projected", "full")
 
 # One line per option: (accepted values, meaning). The README table and `lowrank-compile options`
 # are generated from this, so the three never disagree.
@@ -40,7 +41,21 @@ OPTION_DOCS: dict[str, tuple[str, str]] = {
     "update_gap": ("int >= 1", "steps between projector refreshes (refresh at steps 0, T, 2T, ...)"),
     "scale": ("finite float > 0", "GaLore's alpha: the projected update is multiplied by it"),
     "proj_type": (" | ".join(PROJ_TYPES), "which side of the matrix is projected (std keeps the long side)"),
-    "projector": (" | ".join(PROJECTORS), "how the projector is refreshed"),
+    "projector": (
+        " | ".join(PROJECTORS),
+        "how the projector is refreshed: exact SVD of the gradient; single-pass randomized SVD "
+        "(no full gradient kept under accumulation); or the best-aligned columns of a shared DCT basis",
+    ),
+    "adaptive_gap": ("bool", "Q-GaLore: a layer whose subspace stopped moving refreshes half as often"),
+    "rotate_states": (
+        "bool",
+        "carry projected optimizer states over to the new basis at a refresh (GaLore does not)",
+    ),
+    "grad_accumulation": (
+        " | ".join(GRAD_ACCUMULATION),
+        "how projected gradients accumulate across backward calls; full keeps eager-size buffers "
+        "and allows clip_grad_norm_ under gradient accumulation",
+    ),
     "state_bits": ("32 | 8", "storage of the optimizer states the backend owns"),
     "min_dim": (
         "int >= 1",
@@ -59,11 +74,14 @@ OPTION_DOCS: dict[str, tuple[str, str]] = {
 class LowRankConfig:
     """Options of the `lowrank` backend, validated and immutable (see README's options table)."""
 
-    rank: int | float | None = None
+    rank: int | float | None = 0.25
     update_gap: int = 200
     scale: float = 0.25
     proj_type: str = "std"
     projector: str = "svd"
+    adaptive_gap: bool = False
+    rotate_states: bool = False
+    grad_accumulation: str = "projected"
     state_bits: int = 32
     min_dim: int = 32
     include: tuple[str, ...] = ()
@@ -133,6 +151,11 @@ def _validate(cfg: LowRankConfig) -> None:
         raise _fail("proj_type", cfg.proj_type)
     if cfg.projector not in PROJECTORS:
         raise _fail("projector", cfg.projector)
+    for name in ("adaptive_gap", "rotate_states"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise _fail(name, getattr(cfg, name))
+    if cfg.grad_accumulation not in GRAD_ACCUMULATION:
+        raise _fail("grad_accumulation", cfg.grad_accumulation)
     if cfg.state_bits not in STATE_BITS or not _is_int(cfg.state_bits):
         raise _fail("state_bits", cfg.state_bits)
     if not _is_int(cfg.min_dim) or cfg.min_dim < 1:

@@ -29,18 +29,24 @@ class OptimizerRule:
     states_per_param: Callable[[Mapping[str, Any]], int]
     # True when weight decay multiplies W directly (AdamW, Lion), False for L2 (Adam, SGD).
     decoupled_weight_decay: Callable[[Mapping[str, Any]], bool]
-    # Returns why a param group cannot be taken over, or None when it can.
-    unsupported: Callable[[Mapping[str, Any]], str | None]
+    # Returns why (optimizer, param group) cannot be taken over, or None when it can.
+    unsupported: Callable[[torch.optim.Optimizer, Mapping[str, Any]], str | None]
     # dtype of the 0-d tensor that carries `lr` into the compiled update. float64 keeps products
     # like 1 - lr * weight_decay as exact as eager's Python floats.
     lr_dtype: torch.dtype = torch.float64
+    # The weight decay the update actually applies for a group (Lion can rescale it).
+    weight_decay: Callable[[torch.optim.Optimizer, Mapping[str, Any]], float] = lambda opt, g: float(
+        g.get("weight_decay", 0.0)
+    )
+    # Instance attributes (outside param groups) the step reads; copied onto the shadow optimizer.
+    instance_attrs: tuple[str, ...] = ()
 
 
 def _adam_states(group: Mapping[str, Any]) -> int:
     return 3 if group.get("amsgrad") else 2
 
 
-def _adam_unsupported(group: Mapping[str, Any]) -> str | None:
+def _adam_unsupported(opt: torch.optim.Optimizer, group: Mapping[str, Any]) -> str | None:
     if group.get("differentiable"):
         return "differentiable=True (the update would need autograd through the step)"
     if group.get("fused"):
@@ -48,7 +54,7 @@ def _adam_unsupported(group: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _sgd_unsupported(group: Mapping[str, Any]) -> str | None:
+def _sgd_unsupported(opt: torch.optim.Optimizer, group: Mapping[str, Any]) -> str | None:
     if group.get("differentiable"):
         return "differentiable=True (the update would need autograd through the step)"
     if group.get("fused"):
@@ -81,14 +87,61 @@ _RULES: dict[type, OptimizerRule] = {
 }
 
 
+def _lion_rule() -> tuple[type, OptimizerRule] | None:
+    """`lion_pytorch.Lion`, a widely used third-party optimizer, when it is installed."""
+    try:
+        from lion_pytorch import Lion
+        from lion_pytorch.lion_pytorch import update_fn
+    except ImportError:
+        return None
+
+    def unsupported(opt: torch.optim.Optimizer, group: Mapping[str, Any]) -> str | None:
+        if getattr(opt, "update_fn", update_fn) is not update_fn:
+            return "use_triton=True (a Triton kernel replaces the traceable update)"
+        return None
+
+    def weight_decay(opt: torch.optim.Optimizer, group: Mapping[str, Any]) -> float:
+        wd = float(group.get("weight_decay", 0.0))
+        # Lion(decoupled_weight_decay=True) divides weight decay by the initial lr.
+        return wd / float(opt._init_lr) if getattr(opt, "decoupled_wd", False) else wd  # type: ignore[attr-defined]
+
+    return Lion, OptimizerRule(
+        name="Lion",
+        states_per_param=lambda g: 1,
+        decoupled_weight_decay=lambda g: True,
+        unsupported=unsupported,
+        weight_decay=weight_decay,
+        instance_attrs=("_init_lr", "decoupled_wd"),
+    )
+
+
+_THIRD_PARTY_LOADED = False
+
+
+def _load_third_party() -> None:
+    global _THIRD_PARTY_LOADED
+    if _THIRD_PARTY_LOADED:
+        return
+    _THIRD_PARTY_LOADED = True
+    lion = _lion_rule()
+    if lion is not None:
+        _RULES[lion[0]] = lion[1]
+
+
 def rule_for(optimizer: torch.optim.Optimizer) -> OptimizerRule | None:
     """The rule for `optimizer`'s exact class, or None when the backend does not take it over.
 
     Subclasses are not matched: a subclass may change `step` in ways the rule does not know.
     """
-    return _RULES.get(type(optimizer))
+    rule = _RULES.get(type(optimizer))
+    if rule is None and not _THIRD_PARTY_LOADED and type(optimizer).__module__.startswith("lion_pytorch"):
+        _load_third_party()
+        rule = _RULES.get(type(optimizer))
+    return rule
 
 
 def supported_names() -> list[str]:
     """Names of the supported optimizer classes, for messages."""
-    return sorted(r.name for r in _RULES.values())
+    names = {r.name for r in _RULES.values()}
+    names.add("lion_pytorch.Lion")
+    return sorted(names - {"Lion"})

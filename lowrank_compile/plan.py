@@ -24,6 +24,7 @@ __all__ = ["Kind", "ParamPlan", "Plan", "make_plan"]
 class Kind(str, enum.Enum):
     """How one parameter is trained."""
 
+    PROJECTED = "projected"  # taken over: gradient projected to rank r in backward, states r-sized
     FULL = "full"  # taken over: gradient consumed in backward, full-rank states owned by the backend
     TORCH = "torch"  # left to torch.optim, untouched
 
@@ -45,6 +46,9 @@ class ParamPlan:
     rank: int | None
     state_bytes: int  # optimizer-state bytes under this plan (backend's or torch.optim's)
     eager_state_bytes: int  # what eager torch.optim with the same optimizer would keep
+    role: str = "other"  # from roles.param_roles: matmul / output / embedding / conv / other
+    side: str | None = None  # projected: "left" (P is m x r) or "right" (P is n x r)
+    projector_bytes: int = 0  # projected: bytes of the stored projector
     # True when the user probably expected the backend to take the parameter over (unsupported
     # optimizer or settings, no optimizer found): the backend warns once about these.
     surprising: bool = False
@@ -82,7 +86,7 @@ class Plan:
                 p.name,
                 "x".join(map(str, p.shape)) or "scalar",
                 str(p.kind),
-                "-" if p.rank is None else str(p.rank),
+                "-" if p.rank is None else f"{p.rank} {p.side}",
                 "-" if p.optimizer is None else f"{p.optimizer}[{p.group}]",
                 str(p.state_bytes),
                 str(p.eager_state_bytes),
@@ -91,11 +95,14 @@ class Plan:
             for p in self.params
         ]
         ours, eager = self.state_bytes()
+        proj = sum(p.projector_bytes for p in self.params)
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))
         ratio = f" ({100.0 * ours / eager:.1f}% of eager)" if eager else ""
-        lines.append(f"optimizer state: {ours} B under the plan vs {eager} B eager{ratio}")
+        lines.append(
+            f"optimizer state: {ours} B under the plan vs {eager} B eager{ratio}; projectors: {proj} B"
+        )
         return "\n".join(lines)
 
 
@@ -106,6 +113,7 @@ class ParamInfo:
     name: str
     param: torch.Tensor
     owners: Sequence[tuple[torch.optim.Optimizer, int]]
+    role: str = "other"
 
 
 def _matches(name: str, globs: Sequence[str]) -> bool:
@@ -117,7 +125,7 @@ def _short_side(shape: tuple[int, ...]) -> int:
 
 
 def plan_param(info: ParamInfo, config: LowRankConfig) -> ParamPlan:
-    """Decide how one parameter is trained (see the README's "What is taken over")."""
+    """Decide how one parameter is trained (see the README's "What the backend takes over")."""
     p = info.param
     shape = tuple(p.shape)
     elt = p.element_size()
@@ -128,12 +136,22 @@ def plan_param(info: ParamInfo, config: LowRankConfig) -> ParamPlan:
         opt: torch.optim.Optimizer | None = None,
         group: int | None = None,
         surprising: bool = False,
+        rank: int | None = None,
+        side: str | None = None,
     ) -> ParamPlan:
-        eager = 0
+        eager = ours = proj = 0
         if opt is not None and group is not None:
             rule = rule_for(opt)
             if rule is not None:
-                eager = rule.states_per_param(opt.param_groups[group]) * p.numel() * elt
+                per = rule.states_per_param(opt.param_groups[group])
+                eager = per * p.numel() * elt
+                ours = eager
+                if kind is Kind.PROJECTED and rank is not None:
+                    m, n = shape
+                    kept = n if side == "left" else m
+                    reduced = m if side == "left" else n
+                    ours = per * rank * kept * elt
+                    proj = rank * 8 if config.projector == "dct" else rank * reduced * 4
         return ParamPlan(
             name=info.name,
             shape=shape,
@@ -142,18 +160,20 @@ def plan_param(info: ParamInfo, config: LowRankConfig) -> ParamPlan:
             reason=reason,
             optimizer=type(opt).__name__ if opt is not None else None,
             group=group,
-            rank=None,
-            # Full-rank fp32 states owned by the backend cost what torch.optim's would.
-            state_bytes=eager,
+            rank=rank,
+            state_bytes=ours,
             eager_state_bytes=eager,
             surprising=surprising,
+            role=info.role,
+            side=side,
+            projector_bytes=proj,
         )
 
     if not p.requires_grad:
         return decide(Kind.TORCH, "requires_grad=False")
     if not info.owners:
         return decide(Kind.TORCH, "no torch.optim optimizer holds it", surprising=True)
-    if len({id(o) for o, _ in info.owners}) > 1 or len(info.owners) > 1:
+    if len(info.owners) > 1:
         names = ", ".join(type(o).__name__ for o, _ in info.owners)
         return decide(Kind.TORCH, f"listed by more than one optimizer/param group ({names})", surprising=True)
     opt, group = info.owners[0]
@@ -166,20 +186,44 @@ def plan_param(info: ParamInfo, config: LowRankConfig) -> ParamPlan:
             group,
             surprising=True,
         )
-    why = rule.unsupported(opt.param_groups[group])
+    why = rule.unsupported(opt, opt.param_groups[group])
     if why is not None:
         return decide(Kind.TORCH, f"{rule.name} with {why}", opt, group, surprising=True)
     if config.exclude and _matches(info.name, config.exclude):
         return decide(Kind.TORCH, "matched by option exclude", opt, group)
-    if config.include and not _matches(info.name, config.include):
-        return decide(Kind.TORCH, "not matched by option include", opt, group)
     if not p.dtype.is_floating_point or p.is_sparse or p.is_complex():
         return decide(Kind.TORCH, f"dtype/layout {p.dtype}/{p.layout} not supported", opt, group)
     if p.dim() < 2:
         return decide(Kind.TORCH, "1-D (bias/norm): too small to matter", opt, group)
-    if _short_side(shape) < config.min_dim:
-        return decide(Kind.TORCH, f"short side {_short_side(shape)} < min_dim={config.min_dim}", opt, group)
-    return decide(Kind.FULL, "full-rank state in the backend (rank=None)", opt, group)
+    short = _short_side(shape)
+    if short < config.min_dim:
+        return decide(Kind.TORCH, f"short side {short} < min_dim={config.min_dim}", opt, group)
+    if config.rank is None:
+        return decide(Kind.FULL, "full-rank state in the backend (rank=None)", opt, group)
+    # Projection targets: the include globs when given, else hidden matmul weights.
+    if config.include:
+        target = _matches(info.name, config.include)
+        why_not = "not matched by option include"
+    else:
+        target = info.role == "matmul"
+        why_not = {
+            "output": "output layer: kept full-rank",
+            "embedding": "embedding: kept full-rank",
+            "conv": "conv kernel: kept full-rank",
+        }.get(info.role, "not a matmul weight: kept full-rank")
+    if not target:
+        return decide(Kind.FULL, why_not, opt, group)
+    if p.dim() != 2:
+        return decide(Kind.FULL, f"{p.dim()}-D: only matrices are projected", opt, group)
+    rank = config.resolved_rank(shape)
+    assert rank is not None
+    if rank >= short:
+        return decide(Kind.FULL, f"rank {rank} >= short side {short}: kept full-rank", opt, group)
+    from lowrank_compile.runtime.projector import choose_side
+
+    side = choose_side((shape[0], shape[1]), config.proj_type)
+    what = "matched by option include" if config.include else "hidden matmul weight"
+    return decide(Kind.PROJECTED, f"{what}: rank {rank} of {short}", opt, group, rank=rank, side=side)
 
 
 def make_plan(infos: Sequence[ParamInfo], config: LowRankConfig) -> Plan:

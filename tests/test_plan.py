@@ -23,16 +23,30 @@ class Net(nn.Module):
         self.frozen.requires_grad_(False)
 
 
-def _plan(model, opt, **cfg):
+def _plan(model, opt, roles=None, **cfg):
     owners = find_owners(list(model.parameters()))
-    infos = [ParamInfo(owners.name_of(p, "?"), p, owners.optimizer_of(p)) for p in model.parameters()]
+    roles = roles or {}
+    infos = [
+        ParamInfo(
+            owners.name_of(p, "?"), p, owners.optimizer_of(p), roles.get(owners.name_of(p, "?"), "other")
+        )
+        for p in model.parameters()
+    ]
     return {pp.name: pp for pp in make_plan(infos, LowRankConfig(**cfg)).params}
+
+
+ROLES = {
+    "embed.weight": "embedding",
+    "block.q_proj.weight": "matmul",
+    "conv.weight": "conv",
+    "tiny.weight": "output",
+}
 
 
 def test_default_rank_none_plan():
     model = Net()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    plan = _plan(model, opt, min_dim=16)
+    plan = _plan(model, opt, rank=None, min_dim=16)
     kinds = {n: p.kind for n, p in plan.items()}
     assert kinds == {
         "embed.weight": Kind.FULL,
@@ -54,17 +68,45 @@ def test_default_rank_none_plan():
     assert not any(p.surprising for p in plan.values())
 
 
-def test_include_exclude_globs():
+def test_default_projected_plan_follows_roles():
     model = Net()
     opt = torch.optim.AdamW(model.parameters())
-    plan = _plan(model, opt, min_dim=16, exclude=("embed.*",))
+    plan = _plan(model, opt, roles=ROLES, rank=0.25, min_dim=4)
+    assert plan["block.q_proj.weight"].kind is Kind.PROJECTED
+    assert plan["block.q_proj.weight"].rank == 12 and plan["block.q_proj.weight"].side == "right"
+    # states: 2 (AdamW) x 48 x 12 fp32 values; projector 48 x 12 fp32
+    assert plan["block.q_proj.weight"].state_bytes == 2 * 48 * 12 * 4
+    assert plan["block.q_proj.weight"].projector_bytes == 48 * 12 * 4
+    assert plan["embed.weight"].kind is Kind.FULL and plan["embed.weight"].reason.startswith("embedding")
+    assert plan["conv.weight"].kind is Kind.FULL and plan["conv.weight"].reason.startswith("conv kernel")
+    assert plan["tiny.weight"].kind is Kind.FULL and plan["tiny.weight"].reason.startswith("output layer")
+    plan = _plan(model, opt, roles=ROLES, rank=48, min_dim=4)  # rank >= short side: nothing to gain
+    assert (
+        plan["block.q_proj.weight"].kind is Kind.FULL
+        and "rank 48 >= short side 48" in plan["block.q_proj.weight"].reason
+    )
+
+
+def test_include_names_projection_targets_and_exclude_leaves_alone():
+    model = Net()
+    opt = torch.optim.AdamW(model.parameters())
+    plan = _plan(model, opt, roles=ROLES, rank=8, min_dim=16, exclude=("embed.*",))
     assert (
         plan["embed.weight"].kind is Kind.TORCH and plan["embed.weight"].reason == "matched by option exclude"
     )
-    plan = _plan(model, opt, min_dim=16, include=("*q_proj*",))
-    taken = sorted(n for n, p in plan.items() if p.kind is Kind.FULL)
-    assert taken == ["block.q_proj.weight"]
-    assert plan["conv.weight"].reason == "not matched by option include"
+    # include overrides the role: the embedding is projected, the attention matrix is not.
+    plan = _plan(model, opt, roles=ROLES, rank=8, min_dim=16, include=("embed.*",))
+    assert plan["embed.weight"].kind is Kind.PROJECTED and plan["embed.weight"].reason.startswith(
+        "matched by option include"
+    )
+    assert plan["block.q_proj.weight"].kind is Kind.FULL
+    assert plan["block.q_proj.weight"].reason == "not matched by option include"
+    assert plan["conv.weight"].kind is Kind.FULL  # matched, but only matrices are projected: stays full-rank
+    plan = _plan(model, opt, roles=ROLES, rank=8, min_dim=16, include=("conv.*",))
+    assert (
+        plan["conv.weight"].kind is Kind.FULL
+        and plan["conv.weight"].reason == "3-D: only matrices are projected"
+    )
 
 
 def test_unsupported_optimizer_and_settings_are_surprising():
@@ -110,7 +152,7 @@ def test_plan_table_totals():
     opt = torch.optim.AdamW(model.parameters())  # alive during the scan below
     owners = find_owners(list(model.parameters()))
     infos = [ParamInfo(owners.name_of(p, "?"), p, owners.optimizer_of(p)) for p in model.parameters()]
-    plan = make_plan(infos, LowRankConfig(min_dim=16))
+    plan = make_plan(infos, LowRankConfig(rank=None, min_dim=16))
     ours, eager = plan.state_bytes()
     assert ours == eager == sum(p.eager_state_bytes for p in plan.params) > 0
     assert (

@@ -15,7 +15,10 @@ from models import mlp_batch
 from models import mlp_loss
 from torch._dynamo.utils import counters
 
+from lowrank_compile.runtime.state import lookup
+
 OPTS = {"rank": None, "min_dim": 4}
+PROJECTED = {"rank": 8, "update_gap": 3, "min_dim": 4}
 
 SCHEDULERS = {
     "lambda": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.5 * s)),
@@ -23,7 +26,7 @@ SCHEDULERS = {
 }
 
 
-def _run(model, backend, sched_name, inside, steps=10):
+def _run(model, backend, sched_name, inside, steps=10, options=None):
     opt = torch.optim.AdamW(
         [
             {"params": list(model.parameters())[:3], "lr": 1e-2},
@@ -45,7 +48,9 @@ def _run(model, backend, sched_name, inside, steps=10):
     fn = (
         step
         if backend is None
-        else torch.compile(step, backend=backend, **({"options": OPTS} if backend == "lowrank" else {}))
+        else torch.compile(
+            step, backend=backend, **({"options": options or OPTS} if backend == "lowrank" else {})
+        )
     )
     seen = []
     lrs = []
@@ -81,3 +86,14 @@ def test_control_plain_inductor_recompiles_on_lr_change():
     counters.clear()
     seen, _ = _run(mlp().double(), "inductor", "cosine", inside=False, steps=4)
     assert seen[-1][0] > seen[0][0]
+
+
+def test_projected_update_with_scheduler_has_no_recompiles():
+    """With projection, refreshes included (update_gap=3), lr changes still never recompile."""
+    counters.clear()
+    model = mlp().double()
+    seen, lrs = _run(model, "lowrank", "cosine", inside=False, steps=10, options=PROJECTED)
+    pj = lookup(model[0].weight).proj
+    assert pj is not None and pj.refreshes == 4  # projected, refreshed at updates 0, 3, 6, 9
+    assert len({tuple(x) for x in lrs}) == 10
+    assert all(s == seen[0] for s in seen[1:]), f"recompiled after step 1: {seen}"

@@ -74,7 +74,7 @@ def test_bad_option_raises_documented_error_through_torch_compile(options, needl
     assert isinstance(info.value, ValueError)
 
 
-@pytest.mark.parametrize("options", [{"rank": 8}, {"state_bits": 8}])
+@pytest.mark.parametrize("options", [{"state_bits": 8}])
 def test_features_not_built_yet_are_refused_clearly(options):
     model = mlp()
     opt = torch.optim.AdamW(model.parameters())

@@ -6,7 +6,7 @@ Before (an AOTAutograd backward graph; output i is the gradient of forward input
     permute_8 = aten.permute(mm_2, [1, 0])
     return (permute_8, view_1, None)
 
-After `ConsumeGradients(slots=(GradSlot(0),))`:
+After `ConsumeGradients(slots=(GradSlot(0, "full"),))`:
 
     lowrank_fresh_0 = placeholder()               # 0-d bool: no gradient since zero_grad
     lowrank_grad_0 = placeholder()                # the backend's buffer for parameter 0
@@ -17,15 +17,24 @@ After `ConsumeGradients(slots=(GradSlot(0),))`:
     copy_ = aten.copy_(lowrank_grad_0, where)
     return (None, view_1, None)
 
+Modes per slot (G is the gradient, m x n; every accumulator follows `where(fresh, new, old + new)`):
+- "full": accumulate G itself (full-rank parameters; projected ones at svd/dct refresh steps).
+- "project": accumulate R = P^T G (side "left") or G P ("right"), plus sum(G^2) and max|G|.
+  Those two let clip_grad_norm_ use the exact norm of the full gradient. For dct, P is
+  gathered in the graph from the shared basis and the layer's column indices.
+- "sketch": "project" plus the randomized refresh sketch Y += A Omega, with A = G (left) or
+  G^T (right).
+
 The full gradient dies inside the graph, right after the node that made it. The output slot
 becomes None, so autograd never sets `.grad` and torch.optim never allocates state for it.
-The new placeholders go after the existing ones. `gm.meta["lowrank_extra_inputs"]` lists
-them as (output index, role), for the runtime to feed on each call. The `copy_` into an input
-is the only kind of mutation Inductor allows in such a graph.
+New placeholders go after the existing ones. `gm.meta["lowrank_extra_inputs"]` lists them as
+(output index, role), for the runtime to feed on each call. The `copy_` into an input is the
+only kind of mutation Inductor allows in such a graph.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,22 +45,90 @@ import torch.fx
 
 from lowrank_compile.passes.base import GraphPass
 
-__all__ = ["EXTRA_INPUTS_KEY", "ConsumeGradients", "GradSlot"]
+__all__ = ["EXTRA_INPUTS_KEY", "MODES", "ConsumeGradients", "GradSlot", "consume_full", "consume_project"]
 
 EXTRA_INPUTS_KEY = "lowrank_extra_inputs"
+MODES = ("full", "project", "sketch")
 aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
 class GradSlot:
-    """One planned gradient: the backward output at `output_index`."""
+    """One planned gradient: the backward output at `output_index`, and how to consume it."""
 
     output_index: int
+    mode: str = "full"
+    side: str | None = None  # "left" | "right" for project/sketch
+    dct: bool = False  # the projector arrives as (basis, index) instead of a matrix
+    rank: int = 0  # r, for the fake shapes of project/sketch inputs
+    sketch_k: int = 0  # sketch width k (sketch mode)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"GradSlot.mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode != "full" and (self.side not in ("left", "right") or self.rank < 1):
+            raise ValueError(f"GradSlot mode {self.mode!r} needs side and rank")
+
+
+# The consumers, as ordinary eager torch code. The pass traces them with make_fx under the
+# graph's fake mode and Inductor's decompositions, then inlines them after the gradient's producer.
+def _accumulate(fresh: torch.Tensor, buf: torch.Tensor, new: torch.Tensor, combine: Any = torch.add) -> None:
+    buf.copy_(torch.where(fresh, new, combine(buf, new)))
+
+
+def consume_full(g: torch.Tensor, fresh: torch.Tensor, grad: torch.Tensor) -> None:
+    """Full-size accumulation."""
+    _accumulate(fresh, grad, g)
+
+
+def consume_project(
+    g: torch.Tensor,
+    fresh: torch.Tensor,
+    proj: torch.Tensor,
+    rgrad: torch.Tensor,
+    sq: torch.Tensor,
+    amax: torch.Tensor,
+    *sketch: torch.Tensor,
+    left: bool,
+) -> None:
+    """R += proj(G), sum(G^2) and max|G|; with sketch tensors (omega, y) also Y += A Omega."""
+    _accumulate(fresh, rgrad, proj.t() @ g if left else g @ proj)
+    gw = g.to(sq.dtype)  # fp32, or the parameter's dtype when wider
+    _accumulate(fresh, sq, (gw * gw).sum())
+    _accumulate(fresh, amax, gw.abs().amax(), torch.maximum)
+    if sketch:
+        omega, y = sketch
+        _accumulate(fresh, y, (g if left else g.t()) @ omega)
+
+
+def _inline(
+    graph: torch.fx.Graph, after: torch.fx.Node, fn: Any, args: Sequence[torch.fx.Node], fake_mode: Any
+) -> None:
+    """Trace `fn` on the fake values of `args` and copy its nodes into `graph` after `after`."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    vals = [a.meta["val"] for a in args]
+    with fake_mode:
+        traced = make_fx(fn, decomposition_table=select_decomp_table())(*vals)
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    inputs = iter(args)
+    cursor = after
+    for node in traced.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = next(inputs)
+        elif node.op == "output":
+            continue
+        else:
+            with graph.inserting_after(cursor):
+                new = graph.node_copy(node, lambda n: env[n])
+            env[node] = new
+            cursor = new
 
 
 @dataclass(frozen=True)
 class ConsumeGradients(GraphPass):
-    """Accumulate the listed gradient outputs into backend buffers; output None instead."""
+    """Replace the listed gradient outputs by accumulation into backend buffers; output None instead."""
 
     name = "consume-grads"
     slots: tuple[GradSlot, ...]
@@ -68,32 +145,61 @@ class ConsumeGradients(GraphPass):
         extra: list[tuple[int, str]] = list(gm.meta.get(EXTRA_INPUTS_KEY, []))
         last_placeholder = placeholders[-1]
         rewrites = 0
+
+        def placeholder(slot: GradSlot, role: str, shape: Sequence[int], dtype: torch.dtype, device: Any):
+            nonlocal last_placeholder
+            with graph.inserting_after(last_placeholder):
+                node = graph.placeholder(f"lowrank_{role}_{slot.output_index}")
+            with fake_mode:
+                node.meta["val"] = torch.empty(tuple(shape), dtype=dtype, device=device)
+            last_placeholder = node
+            extra.append((slot.output_index, role))
+            return node
+
         for slot in self.slots:
             grad = outputs[slot.output_index]
             if not isinstance(grad, torch.fx.Node):
                 continue  # this graph makes no gradient for the parameter
             val = grad.meta["val"]
-            with fake_mode:
-                fresh_val = torch.empty((), dtype=torch.bool, device=val.device)
-                buf_val = torch.empty(val.shape, dtype=val.dtype, device=val.device)
-            with graph.inserting_after(last_placeholder):
-                fresh = graph.placeholder(f"lowrank_fresh_{slot.output_index}")
-            with graph.inserting_after(fresh):
-                buf = graph.placeholder(f"lowrank_grad_{slot.output_index}")
-            last_placeholder = buf
-            fresh.meta["val"], buf.meta["val"] = fresh_val, buf_val
-            extra += [(slot.output_index, "fresh"), (slot.output_index, "grad")]
+            dev, dt = val.device, val.dtype
+            m, n = val.shape if val.dim() == 2 else (0, 0)
+            fresh = placeholder(slot, "fresh", (), torch.bool, dev)
+            if slot.mode == "full":
+                buf = placeholder(slot, "grad", val.shape, dt, dev)
+                _inline(graph, grad, consume_full, [grad, fresh, buf], fake_mode)
+            else:
+                r, left = slot.rank, slot.side == "left"
+                d, e = (m, n) if left else (n, m)
+                if slot.dct:
+                    basis = placeholder(slot, "basis", (d, d), dt, dev)
+                    index = placeholder(slot, "index", (r,), torch.int64, dev)
+                else:
+                    proj = placeholder(slot, "proj", (d, r), dt, dev)
+                rbuf = placeholder(slot, "rgrad", (r, n) if left else (m, r), dt, dev)
+                stat_dt = torch.float64 if dt == torch.float64 else torch.float32
+                sq = placeholder(slot, "sq", (), stat_dt, dev)
+                amax = placeholder(slot, "amax", (), stat_dt, dev)
+                sketch: list[torch.fx.Node] = []
+                if slot.mode == "sketch":
+                    k = slot.sketch_k
+                    sketch = [
+                        placeholder(slot, "omega", (e, k), dt, dev),
+                        placeholder(slot, "sketch_y", (d, k), dt, dev),
+                    ]
+                if slot.dct:
 
-            with fake_mode:
-                add_val = buf_val + val
-                where_val = torch.where(fresh_val, val, add_val)
-            with graph.inserting_after(grad):
-                add = graph.call_function(aten.add.Tensor, (buf, grad))
-            with graph.inserting_after(add):
-                where = graph.call_function(aten.where.self, (fresh, grad, add))
-            with graph.inserting_after(where):
-                copy = graph.call_function(aten.copy_.default, (buf, where))
-            add.meta["val"], where.meta["val"], copy.meta["val"] = add_val, where_val, buf_val
+                    def fn(g, fresh, basis, index, *rest, left=left):
+                        consume_project(g, fresh, basis[:, index], *rest, left=left)
+
+                    _inline(graph, grad, fn, [grad, fresh, basis, index, rbuf, sq, amax, *sketch], fake_mode)
+                else:
+                    _inline(
+                        graph,
+                        grad,
+                        functools.partial(consume_project, left=left),
+                        [grad, fresh, proj, rbuf, sq, amax, *sketch],
+                        fake_mode,
+                    )
             outputs[slot.output_index] = None
             rewrites += 1
         out_node.args = (tuple(outputs),)

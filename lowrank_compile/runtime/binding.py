@@ -10,11 +10,19 @@ wrappers on it:
 - `opt.zero_grad`: clears the backend's gradient buffers with eager semantics.
 
 The update of taken-over parameters is the optimizer's own `step`, run by a *shadow* instance
-of the same class. The shadow's parameters are the backend's views of the real parameters,
-its `.grad` the backend's buffers, its hyper-parameters copied from the user's param groups at
-every step (`lr` as a 0-d tensor), and its states owned by the backend. The shadow's `step` is
-compiled once with torch.compile and Inductor. A private code object gives it a Dynamo cache
-of its own.
+of the same class. Its hyper-parameters are copied from the user's param groups at every step
+(`lr` as a 0-d tensor), and the backend owns its states. Each user param group maps to up to two
+shadow groups:
+
+- full-rank members: the parameter's storage (a detached view), `.grad` = the backend's buffer.
+- projected members: a *virtual* parameter of R's shape, zero before each update, `.grad` = R.
+  The optimizer's step leaves v = -lr * N in it. Then W <- W * (1 - lr * wd) + scale * back(v),
+  with decay decoupled as torch's AdamW and Lion apply it. Weight decay is 0 in that group: a
+  decoupled decay is applied to W as above, and an L2 decay (Adam, SGD) is folded into the
+  gradient as R + wd * proj(W).
+
+The whole update is compiled once with torch.compile and Inductor. A private code object gives
+it a Dynamo cache of its own.
 """
 
 from __future__ import annotations
@@ -33,11 +41,14 @@ import torch
 
 from lowrank_compile.config import LowRankConfig
 from lowrank_compile.optimizers import OptimizerRule
+from lowrank_compile.runtime import projector as pm
+from lowrank_compile.runtime import refresh
 from lowrank_compile.runtime.state import ParamState
 
 __all__ = ["OptimizerBinding", "binding_of"]
 
 _ATTR = "_lowrank_binding"
+_WD_KEY = "lowrank_weight_decay"  # the real decay of a projected shadow group (its own is 0)
 _ids = itertools.count()
 
 
@@ -71,7 +82,8 @@ class OptimizerBinding:
         self.states: list[ParamState] = []
         self.id = next(_ids)
         self._shadow: torch.optim.Optimizer | None = None
-        self._shadow_groups: list[tuple[int, dict[str, Any]]] = []
+        # (user group index, shadow group, projected?) for every shadow group
+        self._shadow_groups: list[tuple[int, dict[str, Any], bool]] = []
         self._compiled: Callable[[], Any] | None = None
         self._hook_handle: Any = None
         self._saved: dict[str, Any] = {}
@@ -99,7 +111,9 @@ class OptimizerBinding:
         if binding_of(opt) is not None:
             raise RuntimeError("optimizer already bound by lowrank_compile")
         from lowrank_compile import _compat
+        from lowrank_compile.runtime import clip
 
+        clip.install()
         binding = self
         for attr in ("step", "zero_grad"):
             self._saved[attr] = opt.__dict__.get(attr)  # an instance attribute (LRScheduler's), or None
@@ -167,11 +181,20 @@ class OptimizerBinding:
         active = [st for st in self.states if not st.fresh]
         if not active:
             return
+        with torch.no_grad():
+            for st in active:
+                if st.proj is not None:
+                    refresh.prepare(st)
         if self._compiled is None:
             self._build()
         self._sync_hyperparameters()
+        l2 = not self.rule.decoupled_weight_decay(self.opt.param_groups[0])
         for st in self.states:
-            st.view.grad = None if st.fresh else st.grad
+            if st.proj is None:
+                st.view.grad = None if st.fresh else st.grad
+            else:
+                pj = st.proj
+                pj.virtual.grad = None if st.fresh else (pj.eff_grad if l2 else pj.r_acc)
         assert self._compiled is not None
         # torch.optim creates its step counters with the default dtype's precision. Compiled, Adam
         # computes 1 - beta2**t from that tensor, and in fp32 that cancellation loses ~1.3e-5
@@ -179,50 +202,112 @@ class OptimizerBinding:
         prev = torch.get_default_dtype()
         torch.set_default_dtype(torch.float64)
         try:
-            self._compiled()
+            with torch.no_grad():
+                self._compiled()
         finally:
             torch.set_default_dtype(prev)
+        with torch.no_grad():
+            for st in active:
+                if st.proj is not None:
+                    refresh.after_update(st)
         self.update_calls += 1
 
     # ----------------------------------------------------------------- shadow
     def _build(self) -> None:
         opt = self.opt
-        by_group: dict[int, list[ParamState]] = {}
         order = {id(p): i for g in opt.param_groups for i, p in enumerate(g["params"])}
+        by_group: dict[tuple[int, bool], list[ParamState]] = {}
         for st in self.states:
-            by_group.setdefault(st.group, []).append(st)
+            by_group.setdefault((st.group, st.proj is not None), []).append(st)
         groups = []
         self._shadow_groups = []
-        for gi in sorted(by_group):
-            members = sorted(by_group[gi], key=lambda s: order.get(id(s.param), 0))
+        keys = sorted(by_group)
+        for gi, projected in keys:
+            members = sorted(by_group[(gi, projected)], key=lambda s: order.get(id(s.param), 0))
             ug = opt.param_groups[gi]
             group = {k: v for k, v in ug.items() if k != "params"}
-            group["params"] = [st.view for st in members]
             group["lr"] = torch.tensor(float(ug["lr"]), dtype=self.rule.lr_dtype)
+            if projected:
+                group["params"] = [st.proj.virtual for st in members if st.proj is not None]
+                group["weight_decay"] = 0.0
+                group[_WD_KEY] = self.rule.weight_decay(opt, ug)
+            else:
+                group["params"] = [st.view for st in members]
             groups.append(group)
         cls = type(opt)
         accepted = inspect.signature(cls.__init__).parameters
         defaults = {k: v for k, v in opt.defaults.items() if k in accepted and k != "params"}
         shadow = cls(groups, **defaults)
-        for gi, group in zip(sorted(by_group), shadow.param_groups):
-            self._shadow_groups.append((gi, group))
+        for attr in self.rule.instance_attrs:
+            if hasattr(opt, attr):
+                setattr(shadow, attr, getattr(opt, attr))
+        for (gi, projected), group in zip(keys, shadow.param_groups):
+            self._shadow_groups.append((gi, group, projected))
         self._shadow = shadow
 
+        decoupled = self.rule.decoupled_weight_decay(opt.param_groups[0])
+        scale = float(self.config.scale)
+        items: list[
+            tuple[Any, ...]
+        ] = []  # (virtual, r_acc, eff_grad, p, basis, index, w, side, shadow group)
+        for (gi, projected), group in zip(keys, shadow.param_groups):
+            if not projected:
+                continue
+            for st in sorted(by_group[(gi, True)], key=lambda s: order.get(id(s.param), 0)):
+                pj = st.proj
+                assert pj is not None
+                if not decoupled and pj.eff_grad is None:
+                    pj.eff_grad = torch.zeros_like(pj.r_acc)
+                items.append(
+                    (pj.virtual, pj.r_acc, pj.eff_grad, pj.p, pj.basis, pj.index, st.view, pj.side, group)
+                )
+
+        # The step body without torch.optim's wrappers: the hook/profiler wrapper (the shadow has no
+        # hooks) and `_use_grad`, whose graph breaks would split the update and compile
+        # `Adam.step` as a frame shared by every Adam instance. The update runs under no_grad
+        # (see `update`), which is what those graph breaks exist to guarantee.
+        raw_step = inspect.unwrap(cls.step)
+
         def lowrank_update() -> None:
-            shadow.step()
+            for v, *_ in items:
+                v.zero_()
+            if not decoupled:
+                for v, r, eff, p, basis, index, w, side, group in items:
+                    if v.grad is None:
+                        continue
+                    if group[_WD_KEY]:
+                        pmat = p if basis is None else basis.index_select(1, index)
+                        eff.copy_(r + group[_WD_KEY] * pm.project(w, pmat, side))
+                    else:
+                        eff.copy_(r)
+            raw_step(shadow)
+            for v, _r, _eff, p, basis, index, w, side, group in items:
+                if v.grad is None:
+                    continue
+                pmat = p if basis is None else basis.index_select(1, index)
+                if decoupled:
+                    w.mul_(1 - group["lr"] * group[_WD_KEY])
+                # Scale the small R-shaped tensor, not through `alpha`: Inductor's add(mm) <-> addmm
+                # rewrites drop alpha (pytorch/pytorch#167313, open on 2.13; measured here).
+                w.add_(pm.project_back(v * scale, pmat, side))
 
         fn = _private_code(lowrank_update, f"lowrank_update_{type(opt).__name__}_{self.id}")
         self._compiled = torch.compile(fn, backend=self.update_backend)
 
     def _sync_hyperparameters(self) -> None:
         opt = self.opt
-        for gi, group in self._shadow_groups:
+        for gi, group, projected in self._shadow_groups:
             ug = opt.param_groups[gi]
             for k, v in ug.items():
                 if k == "params":
                     continue
                 if k == "lr":
                     group["lr"].fill_(float(v))
+                    continue
+                if projected and k == "weight_decay":
+                    wd = self.rule.weight_decay(opt, ug)
+                    if group[_WD_KEY] != wd:
+                        group[_WD_KEY] = wd  # recompiles the update, as a changed float does in torch.compile
                     continue
                 cur = group.get(k)
                 if cur is v:

@@ -3,10 +3,23 @@
 The registry is keyed weakly by parameter identity, so a model that goes away takes its
 states with it. A `ParamState` refers to its parameter only weakly. It holds a detached view
 of the parameter's storage, which the update writes through.
+
+Gradient accumulators, by kind and step:
+
+- full kind: the backward accumulates `grad` (full size); the update runs on it.
+- projected, steady step: the backward accumulates R = proj(G), ||G||^2 and max|G|; the update
+  runs on R.
+- projected, svd/dct refresh step: the backward accumulates `full` (full size, this step only);
+  the update first takes a new P from it and sets R = proj(full).
+- projected, randomized refresh step: the backward accumulates R with the old P plus the sketch
+  Y = A Omega; the new P comes from Y and takes over after the update.
+
+`fresh` is True while no gradient has arrived since the last zero_grad (eager: `.grad is None`).
 """
 
 from __future__ import annotations
 
+import collections
 import weakref
 from dataclasses import dataclass
 from dataclasses import field
@@ -16,12 +29,72 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lowrank_compile.config import LowRankConfig
+from lowrank_compile.plan import Kind
 from lowrank_compile.plan import ParamPlan
+from lowrank_compile.runtime import projector as proj_math
 
 if TYPE_CHECKING:
     from lowrank_compile.runtime.binding import OptimizerBinding
 
-__all__ = ["ParamState", "decided", "lookup", "register", "registry_clear"]
+__all__ = ["ParamState", "Projection", "decided", "lookup", "register", "registry_clear"]
+
+# Q-GaLore's adaptive refresh: the last SIM_WINDOW cosine similarities between successive top
+# singular vectors; when their mean reaches SIM_THRESHOLD the layer's gap doubles.
+SIM_WINDOW = 3
+SIM_THRESHOLD = 0.4
+
+
+@dataclass(eq=False)
+class Projection:
+    """GaLore state of one projected parameter (G is m x n)."""
+
+    side: proj_math.Side
+    rank: int
+    method: str  # svd | randomized | dct
+    shape: tuple[int, int]
+    p: torch.Tensor  # d x r projector (svd/randomized); for dct the shared basis' columns `index`
+    r_acc: torch.Tensor  # low-rank gradient accumulator
+    sq: torch.Tensor  # 0-d: sum of G^2 over the step's backward calls
+    amax: torch.Tensor  # 0-d: max |G| over the step's backward calls
+    virtual: torch.Tensor  # the shadow optimizer's parameter (R-shaped), zero before each update
+    eff_grad: torch.Tensor | None  # shadow .grad when L2 weight decay is folded in; else r_acc
+    basis: torch.Tensor | None = None  # dct: the shared d x d basis
+    index: torch.Tensor | None = None  # dct: the r chosen columns
+    full: torch.Tensor | None = None  # full-size accumulator, svd/dct refresh steps only
+    omega: torch.Tensor | None = None  # randomized: e x k test matrix of the sketch Y = A Omega
+    sketch_y: torch.Tensor | None = None  # randomized: d x k
+    pending_p: torch.Tensor | None = None  # randomized: projector that takes over after this update
+    has_p: bool = False  # a projector exists (False before the first refresh)
+    updates: int = 0  # updates applied so far (GaLore's `step` for this parameter)
+    next_refresh: int = 0
+    gap: int = 200
+    refreshes: int = 0
+    sims: collections.deque = field(default_factory=lambda: collections.deque(maxlen=SIM_WINDOW))
+
+    @property
+    def reduced(self) -> int:
+        """The dimension the projector reduces (d)."""
+        return self.shape[0] if self.side == "left" else self.shape[1]
+
+    @property
+    def kept(self) -> int:
+        """The dimension kept at full size (e)."""
+        return self.shape[1] if self.side == "left" else self.shape[0]
+
+    def refresh_due(self) -> bool:
+        """True when the coming update refreshes the projector."""
+        return self.updates >= self.next_refresh
+
+    def projector(self) -> torch.Tensor:
+        """The current d x r projector (materialised from the basis for dct)."""
+        if self.basis is not None and self.index is not None:
+            return self.basis.index_select(1, self.index)
+        return self.p
+
+    def low_rank_shape(self) -> tuple[int, int]:
+        """Shape of R."""
+        m, n = self.shape
+        return (self.rank, n) if self.side == "left" else (m, self.rank)
 
 
 @dataclass(eq=False)
@@ -31,28 +104,36 @@ class ParamState:
     plan: ParamPlan
     config: LowRankConfig
     param_ref: weakref.ref[torch.Tensor]
-    # The parameter's storage seen as a plain tensor: the shadow optimizer updates it in place.
+    # The parameter's storage seen as a plain tensor: the update writes through it.
     view: torch.Tensor
-    # Gradient accumulator (contiguous, the parameter's shape and dtype). It is meaningless while
-    # `fresh` is True.
-    grad: torch.Tensor
+    # Full-size gradient accumulator (full kind only).
+    grad: torch.Tensor | None
     group: int
+    proj: Projection | None = None
     binding: OptimizerBinding | None = None
-    # True while no gradient has arrived since the last zero_grad (eager: `.grad is None`).
     fresh: bool = True
-    backward_calls: int = field(default=0)
+    backward_calls: int = 0
+    calls_since_zero: int = 0
 
     @classmethod
     def create(cls, p: torch.Tensor, plan: ParamPlan, config: LowRankConfig) -> ParamState:
         """Allocate the state for parameter `p` under `plan`."""
         assert plan.group is not None
+        proj = None
+        grad = None
+        if plan.kind is Kind.PROJECTED:
+            assert plan.rank is not None and plan.side in ("left", "right")
+            proj = _make_projection(p, plan, config)
+        else:
+            grad = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
         return cls(
             plan=plan,
             config=config,
             param_ref=weakref.ref(p),
             view=p.detach(),
-            grad=torch.zeros(p.shape, dtype=p.dtype, device=p.device),
+            grad=grad,
             group=plan.group,
+            proj=proj,
         )
 
     @property
@@ -60,26 +141,182 @@ class ParamState:
         """The parameter, or None once it has been freed."""
         return self.param_ref()
 
+    @property
+    def projected(self) -> bool:
+        """True for GaLore-projected parameters."""
+        return self.proj is not None
+
+    # ------------------------------------------------------------- inputs of the backward graph
+    def input_for(self, role: str) -> torch.Tensor:
+        """The tensor fed to the backward graph for placeholder `role` (see consume-grads)."""
+        if role == "grad":
+            if self.proj is None:
+                assert self.grad is not None
+                return self.grad
+            if self.proj.full is None:
+                self.proj.full = torch.zeros(self.view.shape, dtype=self.view.dtype, device=self.view.device)
+            return self.proj.full
+        pj = self.proj
+        assert pj is not None, role
+        if role == "proj":
+            return pj.p
+        if role == "basis":
+            assert pj.basis is not None
+            return pj.basis
+        if role == "index":
+            assert pj.index is not None
+            return pj.index
+        if role == "rgrad":
+            return pj.r_acc
+        if role == "sq":
+            return pj.sq
+        if role == "amax":
+            return pj.amax
+        if role in ("omega", "sketch_y"):
+            self._ensure_sketch()
+            t = getattr(pj, role)
+            assert t is not None
+            return t
+        raise KeyError(role)
+
+    def _ensure_sketch(self) -> None:
+        """Make this refresh step's test matrix and sketch accumulator (once per step)."""
+        pj = self.proj
+        assert pj is not None
+        if pj.omega is not None:
+            return
+        k = proj_math.sketch_sizes(pj.rank, pj.reduced, pj.kept)
+        dev, dt = self.view.device, self.view.dtype
+        gen = torch.Generator(device="cpu").manual_seed(_seed(self.plan.name, pj.refreshes))
+        omega = torch.randn(pj.kept, k, generator=gen)
+        if pj.has_p and bool(torch.isfinite(pj.r_acc).all()) and pj.r_acc.abs().sum() > 0:
+            # Warm start: the row space of the last projected gradient (one subspace iteration).
+            rows = pj.r_acc if pj.side == "left" else pj.r_acc.t()  # r x e
+            q = torch.linalg.qr(rows.t().double().cpu()).Q.float()
+            scale = omega[:, q.shape[1] :].norm(dim=0).mean() if k > q.shape[1] else torch.tensor(1.0)
+            omega[:, : q.shape[1]] = q * scale
+        pj.omega = omega.to(device=dev, dtype=dt)
+        pj.sketch_y = torch.zeros(pj.reduced, k, device=dev, dtype=dt)
+
+    # ------------------------------------------------------------- eager-side accumulation
     def accumulate(self, g: torch.Tensor) -> None:
         """Add a gradient computed outside the compiled backward (what autograd left in .grad)."""
-        if self.fresh:
-            self.grad.copy_(g)
+        g = g.detach()
+        if self.proj is None:
+            assert self.grad is not None
+            if self.fresh:
+                self.grad.copy_(g)
+            else:
+                self.grad.add_(g)
         else:
-            self.grad.add_(g)
+            pj = self.proj
+            refreshing = pj.refresh_due()
+            if refreshing and pj.method != "randomized":
+                full = self.input_for("grad")
+                full.copy_(g) if self.fresh else full.add_(g)
+            else:
+                r = proj_math.project(g, pj.projector(), pj.side).to(pj.r_acc.dtype)
+                pj.r_acc.copy_(r) if self.fresh else pj.r_acc.add_(r)
+                if refreshing:  # randomized
+                    self._ensure_sketch()
+                    assert pj.omega is not None and pj.sketch_y is not None
+                    y = (g if pj.side == "left" else g.t()) @ pj.omega
+                    pj.sketch_y.copy_(y) if self.fresh else pj.sketch_y.add_(y)
+            gw = g.to(pj.sq.dtype)
+            sq = gw.pow(2).sum()
+            am = gw.abs().max()
+            pj.sq.copy_(sq) if self.fresh else pj.sq.add_(sq)
+            pj.amax.copy_(am) if self.fresh else torch.maximum(pj.amax, am, out=pj.amax)
         self.fresh = False
+        self.calls_since_zero += 1
 
     def zero_grad(self, set_to_none: bool) -> None:
         """Eager `zero_grad` semantics: forget the gradient, or zero it when there is one."""
         if self.fresh:
             return
+        self.calls_since_zero = 0
         if set_to_none:
             self.fresh = True
-        else:
+            if self.proj is not None:
+                self._drop_step_buffers()
+            return
+        if self.proj is None:
+            assert self.grad is not None
             self.grad.zero_()
+            return
+        pj = self.proj
+        for t in (pj.r_acc, pj.sq, pj.amax, pj.full, pj.sketch_y):
+            if t is not None:
+                t.zero_()
+
+    def _drop_step_buffers(self) -> None:
+        pj = self.proj
+        assert pj is not None
+        pj.full = None
+        pj.omega = pj.sketch_y = None
 
     def owned_bytes(self) -> dict[str, int]:
         """Bytes of the tensors this state owns, by category."""
-        return {"gradients": self.grad.numel() * self.grad.element_size()}
+
+        def nbytes(*ts: torch.Tensor | None) -> int:
+            return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+        if self.proj is None:
+            return {"gradients": nbytes(self.grad), "projectors": 0}
+        pj = self.proj
+        projector = nbytes(pj.index) if pj.index is not None else nbytes(pj.p, pj.pending_p)
+        return {
+            "gradients": nbytes(pj.r_acc, pj.sq, pj.amax, pj.eff_grad, pj.full, pj.sketch_y),
+            "projectors": projector + nbytes(pj.omega),
+            "virtual": nbytes(pj.virtual),
+        }
+
+
+def _stat_dtype(dt: torch.dtype) -> torch.dtype:
+    """The dtype of the ||G||^2 and max|G| accumulators: fp32, or the parameter's when wider."""
+    return torch.float64 if dt == torch.float64 else torch.float32
+
+
+def _seed(name: str, refresh: int) -> int:
+    import zlib
+
+    return (zlib.crc32(name.encode()) * 1_000_003 + refresh) % (2**63)
+
+
+def _make_projection(p: torch.Tensor, plan: ParamPlan, config: LowRankConfig) -> Projection:
+    assert plan.rank is not None and plan.side in ("left", "right")
+    side: proj_math.Side = "left" if plan.side == "left" else "right"
+    m, n = p.shape
+    shape = (int(m), int(n))
+    r = plan.rank
+    d = m if side == "left" else n
+    low = (r, n) if side == "left" else (m, r)
+    dev, dt = p.device, p.dtype
+    basis = index = None
+    if config.projector == "dct":
+        basis = proj_math.dct_basis(d, dt, dev)
+        index = torch.arange(r, device=dev)
+        pmat = torch.zeros(0, device=dev, dtype=dt)  # dct keeps indices only
+    elif config.projector == "randomized":
+        # Used for the first update only, while the first sketch is collected (see refresh.py).
+        pmat = proj_math.random_orthonormal(d, r, _seed(plan.name, -1), dev).to(dt)
+    else:
+        pmat = torch.zeros(d, r, device=dev, dtype=dt)
+    return Projection(
+        side=side,
+        rank=r,
+        method=config.projector,
+        shape=shape,
+        p=pmat,
+        r_acc=torch.zeros(low, device=dev, dtype=dt),
+        sq=torch.zeros((), device=dev, dtype=_stat_dtype(dt)),
+        amax=torch.zeros((), device=dev, dtype=_stat_dtype(dt)),
+        virtual=torch.zeros(low, device=dev, dtype=dt),
+        eff_grad=None,
+        basis=basis,
+        index=index,
+        gap=config.update_gap,
+    )
 
 
 _STATES: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -106,6 +343,11 @@ def register(p: torch.Tensor, plan: ParamPlan, state: ParamState | None) -> None
 def registry_items() -> list[tuple[torch.Tensor, ParamPlan]]:
     """Every live parameter with a plan, in no particular order."""
     return list(_DECIDED.items())
+
+
+def registry_states() -> list[ParamState]:
+    """Every live taken-over parameter's state."""
+    return list(_STATES.values())
 
 
 def registry_clear() -> None:

@@ -1,0 +1,200 @@
+"""Gradient clipping that sees the gradients the backend consumed in backward.
+
+`torch.nn.utils.clip_grad_norm_(model.parameters(), c)` reads `p.grad`, which is None for taken-over
+parameters, so on its own it would clip with the norm of the remaining parameters only. While any
+optimizer is bound, the backend redirects `clip_grad_norm_` and `clip_grad_value_` to the functions
+below. It does so by swapping the function inside torch's `_no_grad` wrapper, so every reference
+is covered, `from torch.nn.utils import clip_grad_norm_` included. When no taken-over parameter
+is in the arguments, the original runs unchanged.
+
+Norm of a taken-over parameter's full gradient:
+- full-rank parameter, or projected one whose full gradient is being accumulated (svd/dct refresh
+  steps, `grad_accumulation="full"`): computed from the full buffer, for every norm type.
+- projected parameter on a steady step: the backward also accumulates sum(G^2) and max|G| of
+  each gradient it consumes. After one backward call they give the exact 2-norm and inf-norm.
+  After several calls the norm of the *sum* is not recoverable from the projected buffers, so
+  this raises `LowRankClipError`, which says what to do instead.
+
+Clipping multiplies every accumulator by the same coefficient, which is exact because
+projection is linear.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+__all__ = ["LowRankClipError", "install", "uninstall"]
+
+
+class LowRankClipError(RuntimeError):
+    """Clipping cannot be made exact for these taken-over parameters."""
+
+
+_ORIGINALS: dict[str, tuple[Any, Callable[..., Any]]] = {}
+
+
+def _cell(wrapper: Any) -> Any | None:
+    code = getattr(wrapper, "__code__", None)
+    if code is None or "func" not in code.co_freevars or wrapper.__closure__ is None:
+        return None
+    return wrapper.__closure__[code.co_freevars.index("func")]
+
+
+def install() -> None:
+    """Redirect torch's clip functions to the backend-aware ones (idempotent)."""
+    import torch.nn.utils.clip_grad as cg
+
+    from lowrank_compile import _compat
+
+    for name, ours in (("clip_grad_norm_", clip_grad_norm_), ("clip_grad_value_", clip_grad_value_)):
+        if name in _ORIGINALS:
+            continue
+        wrapper = getattr(cg, name)
+        cell = _cell(wrapper)
+        if cell is None:  # pragma: no cover - a torch whose wrapper changed shape: patch the module names
+            _ORIGINALS[name] = (None, wrapper)
+            replacement = _compat.dynamo_disable(ours)
+            setattr(cg, name, replacement)
+            setattr(torch.nn.utils, name, replacement)
+            continue
+        _ORIGINALS[name] = (cell, cell.cell_contents)
+        cell.cell_contents = _compat.dynamo_disable(ours)
+
+
+def uninstall() -> None:
+    """Restore torch's own clip functions."""
+    import torch.nn.utils.clip_grad as cg
+
+    for name, (cell, orig) in list(_ORIGINALS.items()):
+        if cell is None:
+            setattr(cg, name, orig)
+            setattr(torch.nn.utils, name, orig)
+        else:
+            cell.cell_contents = orig
+        del _ORIGINALS[name]
+
+
+def _original(name: str) -> Callable[..., Any]:
+    return _ORIGINALS[name][1]
+
+
+def _split(parameters: Any) -> tuple[list[torch.Tensor], list[Any]]:
+    """(parameters torch sees, taken-over states that hold a gradient)."""
+    from lowrank_compile.runtime.state import lookup
+
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    states = []
+    bindings = {}
+    for p in params:
+        st = lookup(p)
+        if st is not None and st.binding is not None:
+            bindings[id(st.binding)] = st.binding
+    for b in bindings.values():
+        b.fold_stray_grads()  # an eager backward may have left .grad on planned parameters
+    for p in params:
+        st = lookup(p)
+        if st is not None and not st.fresh:
+            states.append(st)
+    return params, states
+
+
+def _full_buffer(st: Any) -> torch.Tensor | None:
+    if st.proj is None:
+        return st.grad
+    return st.proj.full
+
+
+def _norm_of(st: Any, norm_type: float) -> torch.Tensor:
+    full = _full_buffer(st)
+    if full is not None:
+        return torch.linalg.vector_norm(full, norm_type)
+    pj = st.proj
+    if st.calls_since_zero > 1:
+        raise LowRankClipError(
+            f"clip_grad_norm_: {st.plan.name} is projected and its gradient was accumulated over "
+            f"{st.calls_since_zero} backward calls in low-rank form, so the norm of the full accumulated "
+            "gradient is not available. Pass options={'grad_accumulation': 'full'} to keep full-size "
+            "gradient buffers while accumulating (eager-size memory), or exclude the parameter "
+            "(options={'exclude': [...]}), or clip without gradient accumulation."
+        )
+    if norm_type == 2.0:
+        return pj.sq.sqrt().to(st.view.dtype)
+    if math.isinf(norm_type) and norm_type > 0:
+        return pj.amax.to(st.view.dtype)
+    raise LowRankClipError(
+        f"clip_grad_norm_: norm_type={norm_type} is not available for projected parameter {st.plan.name}; "
+        "the backend tracks the 2-norm and the inf-norm of the full gradient. Use norm_type=2.0 or "
+        "float('inf'), or options={'grad_accumulation': 'full'}."
+    )
+
+
+def _scale(st: Any, coef: torch.Tensor) -> None:
+    if st.proj is None:
+        st.grad.mul_(coef.to(st.grad.dtype))
+        return
+    pj = st.proj
+    for t in (pj.r_acc, pj.full, pj.sketch_y):
+        if t is not None:
+            t.mul_(coef.to(t.dtype))
+    pj.sq.mul_((coef * coef).to(pj.sq.dtype))
+    pj.amax.mul_(coef.abs().to(pj.amax.dtype))
+
+
+def clip_grad_norm_(
+    parameters: Iterable[torch.Tensor] | torch.Tensor,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_`, counting the gradients the backend holds."""
+    params, states = _split(parameters)
+    if not states:
+        return _original("clip_grad_norm_")(params, max_norm, norm_type, error_if_nonfinite, foreach)
+    norm_type = float(norm_type)
+    from torch.nn.utils.clip_grad import _clip_grads_with_norm_
+    from torch.nn.utils.clip_grad import _get_total_norm
+
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = [_norm_of(st, norm_type) for st in states]
+    if grads:
+        norms.append(_get_total_norm(grads, norm_type, False, foreach))
+    device = norms[0].device
+    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+    if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
+            "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
+            "anyway, set `error_if_nonfinite=False`"
+        )
+    if grads:
+        _clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total, foreach)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for st in states:
+        _scale(st, coef)
+    return total
+
+
+def clip_grad_value_(
+    parameters: Iterable[torch.Tensor] | torch.Tensor, clip_value: float, foreach: bool | None = None
+) -> None:
+    """`torch.nn.utils.clip_grad_value_`, for gradients the backend holds in full."""
+    params, states = _split(parameters)
+    if not states:
+        return _original("clip_grad_value_")(params, clip_value, foreach)
+    for st in states:
+        full = _full_buffer(st)
+        if full is None:
+            raise LowRankClipError(
+                f"clip_grad_value_: {st.plan.name} is projected, and clamping elements of the full "
+                "gradient does not commute with projection. Use clip_grad_norm_, exclude the parameter "
+                "(options={'exclude': [...]}), or pass options={'grad_accumulation': 'full'}."
+            )
+        full.clamp_(-clip_value, clip_value)
+    _original("clip_grad_value_")([p for p in params if p.grad is not None], clip_value, foreach)
+    return None

@@ -1,0 +1,185 @@
+"""Projector refresh and the low-rank gradient of each update, run at `opt.step()`.
+
+`prepare(st)` runs before the compiled update. It leaves this step's R in `st.proj.r_acc`:
+
+- steady step: R was accumulated by the backward; nothing to do.
+- full accumulator present (svd/dct refresh steps, `grad_accumulation="full"`): R = proj(full),
+  after refreshing P from `full` when due. The full buffer is then dropped.
+- randomized refresh: P_new comes from the sketch Y. This update still uses the current
+  projector with its exact R, and P_new takes over after it (a one-step lag). The very first
+  update therefore runs in the seeded random subspace the projector starts with (as APOLLO's
+  random projections do), while the first sketch is collected.
+
+`after_update(st)` counts the update and installs a pending projector.
+
+An SVD that fails or returns non-finite values never produces NaNs or zeros. The previous
+projector is kept, with one warning. Before the first projector exists, a QR range finder and
+then the first DCT columns are used instead.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from lowrank_compile.runtime import projector as pm
+from lowrank_compile.runtime.state import SIM_THRESHOLD
+from lowrank_compile.runtime.state import ParamState
+from lowrank_compile.runtime.state import Projection
+
+__all__ = ["after_update", "prepare"]
+
+# Second-moment state keys: rotated with the elementwise square of the change of basis.
+SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
+
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    from lowrank_compile.backend import LowRankWarning
+
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, LowRankWarning, stacklevel=4)
+
+
+def _fallback_projector(g: torch.Tensor, pj: Projection) -> torch.Tensor:
+    """A usable orthonormal projector when the SVD failed and no previous projector exists."""
+    a = g if pj.side == "left" else g.t()
+    if torch.isfinite(a).all():
+        gen = torch.Generator().manual_seed(pj.refreshes + 17)
+        omega = torch.randn(a.shape[1], pj.rank, generator=gen, dtype=torch.float64)
+        q, _ = torch.linalg.qr(a.double().cpu() @ omega)
+        if torch.isfinite(q).all() and q.abs().sum() > 0:
+            return q.float().to(g.device)
+    return pm.dct_basis(pj.reduced, torch.float32, g.device)[:, : pj.rank].clone()
+
+
+def _new_projector_from_full(st: ParamState, g: torch.Tensor) -> torch.Tensor | None:
+    """P_new for svd/dct from the full gradient `g`; None to keep the current one."""
+    pj = st.proj
+    assert pj is not None
+    if pj.method == "dct":
+        assert pj.basis is not None
+        if not torch.isfinite(g).all():
+            _warn_once(f"lowrank: non-finite gradient for {st.plan.name}; its DCT projector is kept")
+            return None
+        return pm.dct_indices(g, pj.basis, pj.rank, pj.side)
+    try:
+        return pm.svd_projector(g, pj.rank, pj.side)
+    except (torch.linalg.LinAlgError, RuntimeError) as err:
+        if pj.has_p:
+            _warn_once(f"lowrank: SVD failed for {st.plan.name} ({err}); keeping the previous projector")
+            return None
+        _warn_once(f"lowrank: SVD failed for {st.plan.name} ({err}); using a QR range finder instead")
+        return _fallback_projector(g, pj)
+
+
+def _track_similarity(st: ParamState, old: torch.Tensor | None, new: torch.Tensor) -> None:
+    """Q-GaLore's adaptive gap: double the gap once the subspace stops moving."""
+    pj = st.proj
+    assert pj is not None
+    if old is None or not st.config.adaptive_gap:
+        return
+    a, b = old[:, 0].double(), new[:, 0].double()
+    cos = float((a @ b).abs() / (a.norm() * b.norm()).clamp_min(1e-30))
+    pj.sims.append(cos)
+    if len(pj.sims) == pj.sims.maxlen and sum(pj.sims) / len(pj.sims) >= SIM_THRESHOLD:
+        pj.gap *= 2
+        pj.sims.clear()
+
+
+def _rotate_states(st: ParamState, old: torch.Tensor, new: torch.Tensor) -> None:
+    """Carry the optimizer's projected states over to the new basis (`rotate_states=True`)."""
+    pj = st.proj
+    assert pj is not None and st.binding is not None
+    shadow = st.binding.shadow
+    if shadow is None or pj.virtual not in shadow.state:
+        return
+    c = (new.double().t() @ old.double()).to(pj.virtual.dtype)  # r x r change of basis
+    for key, t in shadow.state[pj.virtual].items():
+        if not torch.is_tensor(t) or t.shape != pj.virtual.shape:
+            continue
+        m = c * c if key in SECOND_MOMENTS else c
+        t.copy_(m @ t if pj.side == "left" else t @ m.t())
+
+
+def _install(st: ParamState, new: torch.Tensor) -> None:
+    """Make `new` (a d x r matrix, or dct indices) the projector, in place."""
+    pj = st.proj
+    assert pj is not None
+    old = pj.projector().clone() if pj.has_p else None
+    if pj.method == "dct":
+        assert pj.index is not None
+        pj.index.copy_(new)
+    else:
+        pj.p.copy_(new.to(pj.p.dtype))
+    cur = pj.projector()
+    _track_similarity(st, old, cur)
+    if old is not None and st.config.rotate_states:
+        _rotate_states(st, old, cur)
+    pj.has_p = True
+    pj.refreshes += 1
+    pj.next_refresh = pj.updates + pj.gap
+
+
+def prepare(st: ParamState) -> None:
+    """Leave this update's low-rank gradient in `st.proj.r_acc` (refreshing the projector if due)."""
+    pj = st.proj
+    assert pj is not None
+    due = pj.refresh_due()
+    if pj.full is not None:
+        g = pj.full
+        if due:
+            if pj.method == "randomized":
+                _refresh_randomized_from_full(st, g)
+            else:
+                new = _new_projector_from_full(st, g)
+                if new is not None:
+                    _install(st, new)
+                else:
+                    pj.next_refresh = pj.updates + pj.gap
+        pj.r_acc.copy_(pm.project(g, pj.projector(), pj.side).to(pj.r_acc.dtype))
+        pj.full = None
+        return
+    if due and pj.method == "randomized":
+        _refresh_randomized(st)
+
+
+def _refresh_randomized(st: ParamState) -> None:
+    pj = st.proj
+    assert pj is not None and pj.sketch_y is not None
+    try:
+        p_new = pm.range_finder(pj.sketch_y, pj.rank)
+    except (torch.linalg.LinAlgError, RuntimeError) as err:
+        _warn_once(f"lowrank: randomized refresh failed for {st.plan.name} ({err}); keeping the projector")
+        p_new = None
+    pj.omega = pj.sketch_y = None
+    pj.next_refresh = pj.updates + pj.gap
+    if p_new is not None:
+        pj.pending_p = p_new.to(pj.p.dtype)  # takes over after this update; R stays exact
+
+
+def _refresh_randomized_from_full(st: ParamState, g: torch.Tensor) -> None:
+    """Randomized refresh when the full gradient is there (`grad_accumulation="full"`): no lag needed."""
+    pj = st.proj
+    assert pj is not None
+    st._ensure_sketch()
+    assert pj.omega is not None
+    pj.sketch_y = (g if pj.side == "left" else g.t()) @ pj.omega
+    _refresh_randomized(st)
+    if pj.pending_p is not None:
+        new, pj.pending_p = pj.pending_p, None
+        _install(st, new)
+
+
+def after_update(st: ParamState) -> None:
+    """Count the update; a pending projector (randomized refresh) takes over now."""
+    pj = st.proj
+    assert pj is not None
+    pj.updates += 1
+    if pj.pending_p is not None:
+        new, pj.pending_p = pj.pending_p, None
+        _install(st, new)
+        pj.next_refresh = pj.updates - 1 + pj.gap
