@@ -52,8 +52,9 @@ def current_plan() -> Plan:
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> dict[str, Any]:
     """Measured optimizer-state bytes of `opt`: torch.optim's own plus the backend's.
 
-    Counts every tensor in `opt.state` and in the backend's states for the parameters it took
-    over from `opt`, so it can be compared with an eager optimizer's `opt.state`.
+    Counts every tensor in `opt.state` and the backend's states for the parameters it took over
+    from `opt` (8-bit states at their stored size: codes and per-block absmax), so it can be
+    compared with an eager optimizer's `opt.state`.
     """
     from lowrank_compile.runtime.binding import binding_of
 
@@ -67,7 +68,5 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> dict[str, Any]:
 
     torch_bytes = tensor_bytes(opt.state)
     binding = binding_of(opt)
-    backend_bytes = 0
-    if binding is not None and binding.shadow is not None:
-        backend_bytes = tensor_bytes(binding.shadow.state)
+    backend_bytes = binding.state_bytes() if binding is not None else 0
     return {"torch": torch_bytes, "backend": backend_bytes, "total": torch_bytes + backend_bytes}

@@ -357,15 +357,6 @@ def _check_backward(outputs: list[Any], slots: dict[int, ParamState], num_inputs
     return None
 
 
-def _check_built(config: LowRankConfig) -> None:
-    """Refuse options whose names are fixed but whose features are not built yet."""
-    if config.state_bits != 32:
-        raise LowRankOptionError(
-            f"lowrank option 'state_bits': got {config.state_bits!r}; 8-bit states are not built yet, "
-            "only state_bits=32 is supported in this version"
-        )
-
-
 _BACKENDS: dict[tuple[LowRankConfig, str | None], LowRankBackend] = {}
 
 
@@ -387,7 +378,6 @@ def lowrank_backend(
     """The `lowrank` backend, as registered through the `torch_dynamo_backends` entry point."""
     try:
         config = parse_options(options)
-        _check_built(config)
     except LowRankOptionError as err:
         from lowrank_compile import _compat
 

@@ -1,8 +1,8 @@
 """The optimizers the backend takes over, and what it must know about each.
 
-The backend does not re-implement any update rule. It runs the optimizer's own `step` on a
-shadow instance of the same class whose parameters are the backend's tensors (see
-`runtime/binding.py`). A registry entry only says what tracing cannot: which settings are
+The backend does not re-implement any update rule. It traces the optimizer's own `step` on a
+virtual parameter (`runtime/rules.py`) and runs that rule on tensors it owns
+(`runtime/binding.py`). A registry entry only says what tracing cannot: which settings are
 supported, how many full-size states eager torch.optim would allocate (for the plan's byte
 counts), and whether weight decay is decoupled (applied to W) or L2 (added to the gradient).
 A later projection step needs that last fact.
@@ -31,14 +31,11 @@ class OptimizerRule:
     decoupled_weight_decay: Callable[[Mapping[str, Any]], bool]
     # Returns why (optimizer, param group) cannot be taken over, or None when it can.
     unsupported: Callable[[torch.optim.Optimizer, Mapping[str, Any]], str | None]
-    # dtype of the 0-d tensor that carries `lr` into the compiled update. float64 keeps products
-    # like 1 - lr * weight_decay as exact as eager's Python floats.
-    lr_dtype: torch.dtype = torch.float64
     # The weight decay the update actually applies for a group (Lion can rescale it).
     weight_decay: Callable[[torch.optim.Optimizer, Mapping[str, Any]], float] = lambda opt, g: float(
         g.get("weight_decay", 0.0)
     )
-    # Instance attributes (outside param groups) the step reads; copied onto the shadow optimizer.
+    # Instance attributes (outside param groups) the step reads; set on the instance that is traced.
     instance_attrs: tuple[str, ...] = ()
 
 
@@ -80,9 +77,6 @@ _RULES: dict[type, OptimizerRule] = {
         states_per_param=lambda g: 1 if g.get("momentum", 0) else 0,
         decoupled_weight_decay=lambda g: False,
         unsupported=_sgd_unsupported,
-        # A float64 0-d lr makes Dynamo's trace of SGD.step diverge (SpeculationLogDivergence,
-        # torch 2.13); fp32 costs ~3e-8 relative on lr.
-        lr_dtype=torch.float32,
     ),
 }
 

@@ -72,12 +72,3 @@ def test_bad_option_raises_documented_error_through_torch_compile(options, needl
     # Dynamo did not wrap it: the user sees our error, not BackendCompilerFailed.
     assert "BackendCompilerFailed" not in type(info.value).__name__
     assert isinstance(info.value, ValueError)
-
-
-@pytest.mark.parametrize("options", [{"state_bits": 8}])
-def test_features_not_built_yet_are_refused_clearly(options):
-    model = mlp()
-    opt = torch.optim.AdamW(model.parameters())
-    step = torch.compile(make_step(model, opt, mlp_loss), backend="lowrank", options=options)
-    with pytest.raises(lowrank_compile.LowRankOptionError, match="not built yet"):
-        step(mlp_batch(0))

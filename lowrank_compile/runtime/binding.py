@@ -9,26 +9,25 @@ wrappers on it:
   backend's update is the first step post-hook, so it sees whatever a pre-hook changed.
 - `opt.zero_grad`: clears the backend's gradient buffers with eager semantics.
 
-The update of taken-over parameters is the optimizer's own `step`, run by a *shadow* instance
-of the same class. Its hyper-parameters are copied from the user's param groups at every step
-(`lr` as a 0-d tensor), and the backend owns its states. Each user param group maps to up to two
-shadow groups:
-
-- full-rank members: the parameter's storage (a detached view), `.grad` = the backend's buffer.
-- projected members: a *virtual* parameter of R's shape, zero before each update, `.grad` = R.
-  The optimizer's step leaves v = -lr * N in it. Then W <- W * (1 - lr * wd) + scale * back(v),
-  with decay decoupled as torch's AdamW and Lion apply it. Weight decay is 0 in that group: a
-  decoupled decay is applied to W as above, and an L2 decay (Adam, SGD) is folded into the
-  gradient as R + wd * proj(W).
-
-The whole update is compiled once with torch.compile and Inductor. A private code object gives
-it a Dynamo cache of its own.
+The update of taken-over parameters runs the optimizer's own rule, traced from its step on a
+virtual parameter (`runtime/rules.py`), on tensors the backend owns:
+- full-rank parameter: the parameter's storage (a flat view) and its gradient buffer;
+- projected parameter: a *virtual* parameter of R's shape, zero before each update, and R. The
+  rule leaves v = -lr * N in it. Then W <- W * (1 - lr * wd) + back(scale * v), with decay
+  decoupled as torch's AdamW and Lion apply it. The rule runs with weight decay 0: a decoupled
+  decay is applied to W as above, and an L2 decay (Adam, SGD) is folded into the gradient as
+  R + wd * proj(W).
+States are stored per parameter (`ParamState.ostate`). With `state_bits=8`, states of >= 4096
+values are block-wise 8-bit (`runtime/quant.py`): the compiled update dequantizes them, runs the
+rule, and quantizes the result, all inside one graph that Inductor fuses. The whole update is one
+function, compiled once by torch.compile and Inductor, with a private code object (its own Dynamo
+cache). `lr` is a 0-d float64 tensor per param group, so schedulers cause no recompiles.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import inspect
 import itertools
 import types
 import weakref
@@ -42,14 +41,28 @@ import torch
 from lowrank_compile.config import LowRankConfig
 from lowrank_compile.optimizers import OptimizerRule
 from lowrank_compile.runtime import projector as pm
+from lowrank_compile.runtime import quant
 from lowrank_compile.runtime import refresh
+from lowrank_compile.runtime.rules import Rule
+from lowrank_compile.runtime.rules import trace_rule
 from lowrank_compile.runtime.state import ParamState
 
 __all__ = ["OptimizerBinding", "binding_of"]
 
 _ATTR = "_lowrank_binding"
-_WD_KEY = "lowrank_weight_decay"  # the real decay of a projected shadow group (its own is 0)
 _ids = itertools.count()
+
+
+@dataclasses.dataclass(eq=False)
+class _Item:
+    """One taken-over parameter as the compiled update sees it."""
+
+    st: ParamState
+    rule: Rule
+    lr: torch.Tensor
+    wd: float  # projected: the decay the backend applies (decoupled on W, or L2 folded into R)
+    first: bool = True  # the next update is the parameter's first (the rule's `first` runs)
+    active: bool = False  # it has a gradient this step
 
 
 def binding_of(opt: torch.optim.Optimizer) -> OptimizerBinding | None:
@@ -81,9 +94,9 @@ class OptimizerBinding:
         self.update_backend = update_backend
         self.states: list[ParamState] = []
         self.id = next(_ids)
-        self._shadow: torch.optim.Optimizer | None = None
-        # (user group index, shadow group, projected?) for every shadow group
-        self._shadow_groups: list[tuple[int, dict[str, Any], bool]] = []
+        self._items: list[_Item] = []
+        self._lrs: dict[int, torch.Tensor] = {}
+        self._signatures: dict[tuple[int, bool], tuple[Any, ...]] = {}
         self._compiled: Callable[[], Any] | None = None
         self._hook_handle: Any = None
         self._saved: dict[str, Any] = {}
@@ -99,10 +112,9 @@ class OptimizerBinding:
         return opt
 
     def add(self, state: ParamState) -> None:
-        """Take over one more parameter; the shadow is rebuilt at the next step."""
+        """Take over one more parameter; the compiled update is rebuilt at the next step."""
         state.binding = self
         self.states.append(state)
-        self._shadow = None
         self._compiled = None
 
     def install(self) -> None:
@@ -185,137 +197,133 @@ class OptimizerBinding:
             for st in active:
                 if st.proj is not None:
                     refresh.prepare(st)
-        if self._compiled is None:
+        if self._compiled is None or self._rules_changed():
             self._build()
-        self._sync_hyperparameters()
-        l2 = not self.rule.decoupled_weight_decay(self.opt.param_groups[0])
-        for st in self.states:
-            if st.proj is None:
-                st.view.grad = None if st.fresh else st.grad
-            else:
-                pj = st.proj
-                pj.virtual.grad = None if st.fresh else (pj.eff_grad if l2 else pj.r_acc)
+        opt = self.opt
+        for gi, lr in self._lrs.items():
+            lr.fill_(float(opt.param_groups[gi]["lr"]))
+        for it in self._items:
+            it.active = not it.st.fresh
+            if it.st.proj is not None:
+                it.wd = self.rule.weight_decay(opt, opt.param_groups[it.st.group])
         assert self._compiled is not None
-        # torch.optim creates its step counters with the default dtype's precision. Compiled, Adam
-        # computes 1 - beta2**t from that tensor, and in fp32 that cancellation loses ~1.3e-5
-        # relative; eager mode computes it in Python doubles. Float64 counters keep eager numerics.
-        prev = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float64)
-        try:
-            with torch.no_grad():
-                self._compiled()
-        finally:
-            torch.set_default_dtype(prev)
         with torch.no_grad():
-            for st in active:
-                if st.proj is not None:
-                    refresh.after_update(st)
+            self._compiled()
+            for it in self._items:
+                if it.active:
+                    it.first = False
+                    if it.st.proj is not None:
+                        refresh.after_update(it.st)
         self.update_calls += 1
 
-    # ----------------------------------------------------------------- shadow
+    # ----------------------------------------------------------------- rules and storage
+    def _rule_for(self, st: ParamState) -> Rule:
+        opt = self.opt
+        group = dict(opt.param_groups[st.group])
+        if st.proj is not None:
+            group["weight_decay"] = 0.0  # applied by the epilogue, or folded into R (L2)
+        attrs = {a: getattr(opt, a) for a in self.rule.instance_attrs if hasattr(opt, a)}
+        return trace_rule(type(opt), group, opt.defaults, attrs, st.view.dtype)
+
+    def _rules_changed(self) -> bool:
+        """True when a param group's hyper-parameters changed (the rule must be traced again)."""
+        return any(self._rule_for(it.st).signature != it.rule.signature for it in self._items)
+
+    def _allocate(self, st: ParamState, rule: Rule) -> None:
+        """The state storage of `st`: fp32 tensors, or 8-bit QStates when asked and large enough."""
+        if st.ostate is not None and list(st.ostate) == [s.key for s in rule.specs]:
+            return
+        target = st.proj.virtual if st.proj is not None else st.view
+        st.ostate = {}
+        for spec in rule.specs:
+            if spec.scalar:
+                # Shape (1,), not 0-d: under torch.compile (2.13) an in-place update of a 0-d
+                # float64 CPU tensor is silently dropped (Dynamo treats those as Python floats).
+                st.ostate[spec.key] = torch.zeros(1, dtype=torch.float64, device=target.device)
+            elif self.config.state_bits == 8 and target.numel() >= quant.MIN_QUANT_NUMEL:
+                st.ostate[spec.key] = quant.QState.zeros(
+                    tuple(target.shape), not spec.second_moment, target.device
+                )
+            else:
+                st.ostate[spec.key] = torch.zeros(target.shape, dtype=target.dtype, device=target.device)
+
     def _build(self) -> None:
         opt = self.opt
         order = {id(p): i for g in opt.param_groups for i, p in enumerate(g["params"])}
-        by_group: dict[tuple[int, bool], list[ParamState]] = {}
-        for st in self.states:
-            by_group.setdefault((st.group, st.proj is not None), []).append(st)
-        groups = []
-        self._shadow_groups = []
-        keys = sorted(by_group)
-        for gi, projected in keys:
-            members = sorted(by_group[(gi, projected)], key=lambda s: order.get(id(s.param), 0))
-            ug = opt.param_groups[gi]
-            group = {k: v for k, v in ug.items() if k != "params"}
-            group["lr"] = torch.tensor(float(ug["lr"]), dtype=self.rule.lr_dtype)
-            if projected:
-                group["params"] = [st.proj.virtual for st in members if st.proj is not None]
-                group["weight_decay"] = 0.0
-                group[_WD_KEY] = self.rule.weight_decay(opt, ug)
-            else:
-                group["params"] = [st.view for st in members]
-            groups.append(group)
-        cls = type(opt)
-        accepted = inspect.signature(cls.__init__).parameters
-        defaults = {k: v for k, v in opt.defaults.items() if k in accepted and k != "params"}
-        shadow = cls(groups, **defaults)
-        for attr in self.rule.instance_attrs:
-            if hasattr(opt, attr):
-                setattr(shadow, attr, getattr(opt, attr))
-        for (gi, projected), group in zip(keys, shadow.param_groups):
-            self._shadow_groups.append((gi, group, projected))
-        self._shadow = shadow
-
+        old = {id(it.st): it for it in self._items}
+        self._items = []
+        for st in sorted(self.states, key=lambda s: (s.group, order.get(id(s.param), 0))):
+            rule = self._rule_for(st)
+            self._allocate(st, rule)
+            # float64 keeps lr and 1 - lr * wd as exact as eager's Python floats; shape (1,) for the
+            # reason given in `_allocate`.
+            lr = self._lrs.setdefault(st.group, torch.zeros(1, dtype=torch.float64, device=st.view.device))
+            prev = old.get(id(st))
+            first = prev.first if prev is not None else not rule.zero_init
+            item = _Item(st, rule, lr, 0.0, first=first and not rule.zero_init)
+            self._items.append(item)
         decoupled = self.rule.decoupled_weight_decay(opt.param_groups[0])
         scale = float(self.config.scale)
-        items: list[
-            tuple[Any, ...]
-        ] = []  # (virtual, r_acc, eff_grad, p, basis, index, w, side, shadow group)
-        for (gi, projected), group in zip(keys, shadow.param_groups):
-            if not projected:
-                continue
-            for st in sorted(by_group[(gi, True)], key=lambda s: order.get(id(s.param), 0)):
-                pj = st.proj
-                assert pj is not None
-                if not decoupled and pj.eff_grad is None:
-                    pj.eff_grad = torch.zeros_like(pj.r_acc)
-                items.append(
-                    (pj.virtual, pj.r_acc, pj.eff_grad, pj.p, pj.basis, pj.index, st.view, pj.side, group)
-                )
+        items = self._items
 
-        # The step body without torch.optim's wrappers: the hook/profiler wrapper (the shadow has no
-        # hooks) and `_use_grad`, whose graph breaks would split the update and compile
-        # `Adam.step` as a frame shared by every Adam instance. The update runs under no_grad
-        # (see `update`), which is what those graph breaks exist to guarantee.
-        raw_step = inspect.unwrap(cls.step)
+        def load(store: Any) -> torch.Tensor:
+            if isinstance(store, quant.QState):
+                return quant.dequantize_blockwise(store.codes, store.absmax, store.signed, store.numel)
+            # A step counter is stored (1,) and handed to the rule as a 0-d view made in the graph:
+            # 0-d keeps eager's type promotion (a 1-D float64 would pull the update into float64).
+            return store.view(()) if store.numel() == 1 and store.dtype == torch.float64 else store.view(-1)
+
+        def save(store: Any, value: torch.Tensor) -> None:
+            if isinstance(store, quant.QState):
+                codes, absmax = quant.quantize_blockwise(value, store.signed)
+                store.codes.copy_(codes)
+                store.absmax.copy_(absmax)
+            else:
+                store.copy_(value.view(store.shape))
 
         def lowrank_update() -> None:
-            for v, *_ in items:
-                v.zero_()
-            if not decoupled:
-                for v, r, eff, p, basis, index, w, side, group in items:
-                    if v.grad is None:
-                        continue
-                    if group[_WD_KEY]:
-                        pmat = p if basis is None else basis.index_select(1, index)
-                        eff.copy_(r + group[_WD_KEY] * pm.project(w, pmat, side))
-                    else:
-                        eff.copy_(r)
-            raw_step(shadow)
-            for v, _r, _eff, p, basis, index, w, side, group in items:
-                if v.grad is None:
+            for it in items:
+                if not it.active:
                     continue
-                pmat = p if basis is None else basis.index_select(1, index)
-                if decoupled:
-                    w.mul_(1 - group["lr"] * group[_WD_KEY])
-                # Scale the small R-shaped tensor, not through `alpha`: Inductor's add(mm) <-> addmm
-                # rewrites drop alpha (pytorch/pytorch#167313, open on 2.13; measured here).
-                w.add_(pm.project_back(v * scale, pmat, side))
+                st = it.st
+                pj = st.proj
+                if pj is None:
+                    p, g = st.view.view(-1), cast(torch.Tensor, st.grad).view(-1)
+                else:
+                    pmat = (
+                        pj.p if pj.basis is None else pj.basis.index_select(1, cast(torch.Tensor, pj.index))
+                    )
+                    pj.virtual.zero_()
+                    p = pj.virtual.view(-1)
+                    r = pj.r_acc
+                    if not decoupled and it.wd:
+                        r = r + it.wd * pm.project(st.view, pmat, pj.side)
+                    g = r.reshape(-1)
+                stores = list(cast(dict, st.ostate).values())
+                lr = it.lr.view(())
+                if it.first:
+                    for store, value in zip(stores, it.rule.first(p, g, lr)):
+                        save(store, value)
+                else:
+                    values = [load(s) for s in stores]
+                    it.rule.step(p, g, lr, *values)
+                    for store, value in zip(stores, values):
+                        if isinstance(store, quant.QState):
+                            save(store, value)
+                if pj is not None:
+                    if decoupled and it.wd:
+                        st.view.mul_(1 - lr * it.wd)
+                    # Scale the small R-shaped tensor, not through `alpha`: Inductor's add(mm) <->
+                    # addmm rewrites drop alpha (pytorch/pytorch#167313, open on 2.13; measured here).
+                    st.view.add_(pm.project_back(pj.virtual * scale, pmat, pj.side))
 
         fn = _private_code(lowrank_update, f"lowrank_update_{type(opt).__name__}_{self.id}")
         self._compiled = torch.compile(fn, backend=self.update_backend)
 
-    def _sync_hyperparameters(self) -> None:
-        opt = self.opt
-        for gi, group, projected in self._shadow_groups:
-            ug = opt.param_groups[gi]
-            for k, v in ug.items():
-                if k == "params":
-                    continue
-                if k == "lr":
-                    group["lr"].fill_(float(v))
-                    continue
-                if projected and k == "weight_decay":
-                    wd = self.rule.weight_decay(opt, ug)
-                    if group[_WD_KEY] != wd:
-                        group[_WD_KEY] = wd  # recompiles the update, as a changed float does in torch.compile
-                    continue
-                cur = group.get(k)
-                if cur is v:
-                    continue
-                if isinstance(v, torch.Tensor) or isinstance(cur, torch.Tensor) or cur != v:
-                    group[k] = v  # a changed float recompiles the update, as plain torch.compile does
-
-    @property
-    def shadow(self) -> torch.optim.Optimizer | None:
-        """The shadow optimizer (None until the first update)."""
-        return self._shadow
+    def state_bytes(self) -> int:
+        """Bytes of the optimizer states the backend holds for this optimizer."""
+        total = 0
+        for st in self.states:
+            for v in (st.ostate or {}).values():
+                total += v.nbytes() if isinstance(v, quant.QState) else v.numel() * v.element_size()
+        return total

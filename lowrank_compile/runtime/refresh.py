@@ -92,17 +92,27 @@ def _track_similarity(st: ParamState, old: torch.Tensor | None, new: torch.Tenso
 
 def _rotate_states(st: ParamState, old: torch.Tensor, new: torch.Tensor) -> None:
     """Carry the optimizer's projected states over to the new basis (`rotate_states=True`)."""
+    from lowrank_compile.runtime.quant import QState
+
     pj = st.proj
-    assert pj is not None and st.binding is not None
-    shadow = st.binding.shadow
-    if shadow is None or pj.virtual not in shadow.state:
+    assert pj is not None
+    if not st.ostate:
         return
     c = (new.double().t() @ old.double()).to(pj.virtual.dtype)  # r x r change of basis
-    for key, t in shadow.state[pj.virtual].items():
-        if not torch.is_tensor(t) or t.shape != pj.virtual.shape:
+    for key, stored in st.ostate.items():
+        t = stored.dequantize() if isinstance(stored, QState) else stored
+        if t.shape != pj.virtual.shape:
             continue
         m = c * c if key in SECOND_MOMENTS else c
-        t.copy_(m @ t if pj.side == "left" else t @ m.t())
+        rotated = m @ t if pj.side == "left" else t @ m.t()
+        if isinstance(stored, QState):
+            from lowrank_compile.runtime.quant import quantize_blockwise
+
+            codes, absmax = quantize_blockwise(rotated, stored.signed)
+            stored.codes.copy_(codes)
+            stored.absmax.copy_(absmax)
+        else:
+            stored.copy_(rotated)
 
 
 def _install(st: ParamState, new: torch.Tensor) -> None:

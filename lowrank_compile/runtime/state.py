@@ -24,6 +24,7 @@ import weakref
 from dataclasses import dataclass
 from dataclasses import field
 from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -56,8 +57,7 @@ class Projection:
     r_acc: torch.Tensor  # low-rank gradient accumulator
     sq: torch.Tensor  # 0-d: sum of G^2 over the step's backward calls
     amax: torch.Tensor  # 0-d: max |G| over the step's backward calls
-    virtual: torch.Tensor  # the shadow optimizer's parameter (R-shaped), zero before each update
-    eff_grad: torch.Tensor | None  # shadow .grad when L2 weight decay is folded in; else r_acc
+    virtual: torch.Tensor  # the rule's parameter (R-shaped), zero before each update
     basis: torch.Tensor | None = None  # dct: the shared d x d basis
     index: torch.Tensor | None = None  # dct: the r chosen columns
     full: torch.Tensor | None = None  # full-size accumulator, svd/dct refresh steps only
@@ -110,6 +110,8 @@ class ParamState:
     grad: torch.Tensor | None
     group: int
     proj: Projection | None = None
+    # Optimizer states, in the rule's order: fp32 tensors, or 8-bit QStates (None before the build).
+    ostate: dict[str, Any] | None = None
     binding: OptimizerBinding | None = None
     fresh: bool = True
     backward_calls: int = 0
@@ -266,7 +268,7 @@ class ParamState:
         pj = self.proj
         projector = nbytes(pj.index) if pj.index is not None else nbytes(pj.p, pj.pending_p)
         return {
-            "gradients": nbytes(pj.r_acc, pj.sq, pj.amax, pj.eff_grad, pj.full, pj.sketch_y),
+            "gradients": nbytes(pj.r_acc, pj.sq, pj.amax, pj.full, pj.sketch_y),
             "projectors": projector + nbytes(pj.omega),
             "virtual": nbytes(pj.virtual),
         }
@@ -312,7 +314,6 @@ def _make_projection(p: torch.Tensor, plan: ParamPlan, config: LowRankConfig) ->
         sq=torch.zeros((), device=dev, dtype=_stat_dtype(dt)),
         amax=torch.zeros((), device=dev, dtype=_stat_dtype(dt)),
         virtual=torch.zeros(low, device=dev, dtype=dt),
-        eff_grad=None,
         basis=basis,
         index=index,
         gap=config.update_gap,

@@ -1,0 +1,141 @@
+"""Block-wise dynamic 8-bit quantization of optimizer states (Dettmers et al., 2022), in plain torch.
+
+A state tensor is flattened and split into blocks of BLOCK = 256 values. Each block keeps its
+absmax in fp32 and, per value, the 8-bit code of value / absmax under a *dynamic* map: 256
+numbers in [-1, 1] (signed, first moments) or [0, 1] (unsigned, second moments). They are dense
+near 1 and sparse near 0, so small values keep their relative precision.
+
+The map (built here from the paper's description):
+- signed: the exponent e = 0..6 selects the decade 10^(e-6); decade e holds 2^e values, the
+  midpoints of `2^e` equal steps of [0.1, 1] scaled by the decade, each with both signs. Add 0
+  and 1: 2 * 127 + 2 = 256 codes.
+- unsigned: the same decades, with twice the values each (2^(e+1)), plus 0 and 1: 254 + 2.
+
+Quantization picks the *nearest* map value. The rounding thresholds are the exact midpoints
+between neighbouring map values, rounded down to fp32, so a value exactly halfway goes to the
+lower code, as an argmin that takes the first minimum would choose. Comparing fp32 values
+against them gives that nearest code without any fp64 arithmetic, which the fused kernels rely
+on.
+
+Tensors with fewer than MIN_QUANT_NUMEL values stay fp32 (the per-block absmax would not pay).
+Everything here is traceable: the compiled update inlines it, so dequantised values live only
+in the fused kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "BLOCK",
+    "MIN_QUANT_NUMEL",
+    "QState",
+    "dequantize_blockwise",
+    "dynamic_map",
+    "map_thresholds",
+    "quantize_blockwise",
+]
+
+BLOCK = 256
+MIN_QUANT_NUMEL = 4096
+DECADES = 7  # 10^-6 ... 10^0
+
+
+def _dynamic_values(signed: bool) -> list[float]:
+    vals: list[float] = []
+    for e in range(DECADES):
+        count = 2**e if signed else 2 ** (e + 1)
+        scale = 10.0 ** (e - (DECADES - 1))
+        step = 0.9 / count
+        mids = [0.1 + step * (i + 0.5) for i in range(count)]
+        vals += [scale * m for m in mids]
+        if signed:
+            vals += [-scale * m for m in mids]
+    vals += [0.0, 1.0]
+    assert len(vals) == 256, len(vals)
+    return sorted(vals)
+
+
+_MAPS: dict[tuple[bool, torch.device], torch.Tensor] = {}
+_THRESH: dict[tuple[bool, torch.device], torch.Tensor] = {}
+
+
+def dynamic_map(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 256 map values, sorted ascending, fp32 (cached per device)."""
+    key = (signed, torch.device(device))
+    m = _MAPS.get(key)
+    if m is None:
+        m = _MAPS[key] = torch.tensor(_dynamic_values(signed), dtype=torch.float32, device=device)
+    return m
+
+
+def map_thresholds(signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
+    """255 fp32 thresholds: code(x) = number of thresholds < x, the nearest map value."""
+    key = (signed, torch.device(device))
+    t = _THRESH.get(key)
+    if t is None:
+        m = dynamic_map(signed, "cpu").double()
+        mids = (m[:-1] + m[1:]) / 2  # exact in fp64
+        t32 = mids.float()
+        # Round down, so an fp32 x <= t32 is exactly an x at or below the true midpoint.
+        too_high = t32.double() > mids
+        t32 = torch.where(too_high, torch.nextafter(t32, torch.tensor(-math.inf)), t32)
+        t = _THRESH[key] = t32.to(device)
+    return t
+
+
+@dataclass(eq=False)
+class QState:
+    """One optimizer state stored block-wise 8-bit: `codes` (nblocks * BLOCK, uint8), `absmax` (fp32)."""
+
+    codes: torch.Tensor
+    absmax: torch.Tensor
+    signed: bool
+    shape: tuple[int, ...]
+
+    @classmethod
+    def zeros(cls, shape: tuple[int, ...], signed: bool, device: torch.device | str) -> QState:
+        """A state of `shape` holding zeros (every code maps to 0 with absmax 0)."""
+        n = math.prod(shape)
+        nb = max(1, -(-n // BLOCK))
+        zero_code = int(torch.nonzero(dynamic_map(signed) == 0)[0])
+        codes = torch.full((nb * BLOCK,), zero_code, dtype=torch.uint8, device=device)
+        return cls(codes, torch.zeros(nb, dtype=torch.float32, device=device), signed, tuple(shape))
+
+    @property
+    def numel(self) -> int:
+        """Number of values stored."""
+        return math.prod(self.shape)
+
+    def nbytes(self) -> int:
+        """Bytes held (codes and absmax)."""
+        return self.codes.numel() + 4 * self.absmax.numel()
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 values (materialised: for tests, checkpoints and debugging)."""
+        return dequantize_blockwise(self.codes, self.absmax, self.signed, self.numel).view(self.shape)
+
+
+def quantize_blockwise(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes uint8 [nblocks * BLOCK], absmax fp32 [nblocks]) of `x` (any shape; padded with zeros)."""
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    nb = max(1, -(-n // BLOCK))
+    if nb * BLOCK != n:
+        flat = torch.nn.functional.pad(flat, (0, nb * BLOCK - n))
+    blocks = flat.view(nb, BLOCK)
+    absmax = blocks.abs().amax(dim=1)
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    normed = blocks / safe.unsqueeze(1)
+    codes = torch.bucketize(normed, map_thresholds(signed, x.device), right=False)
+    return codes.to(torch.uint8).view(-1), absmax
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, numel: int) -> torch.Tensor:
+    """The fp32 values (flat, `numel` long) of block-wise codes."""
+    nb = absmax.numel()
+    vals = dynamic_map(signed, codes.device)[codes.long()].view(nb, BLOCK) * absmax.unsqueeze(1)
+    return vals.view(-1)[:numel]
