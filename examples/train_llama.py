@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"optimizer state: lowrank {ours['total'] / 1e6:.2f} MB (backend {ours['backend'] / 1e6:.2f} MB, "
             f"torch.optim {ours['torch'] / 1e6:.2f} MB) vs eager AdamW {eager_bytes / 1e6:.2f} MB "
-            f"({100.0 * ours['total'] / max(eager_bytes, 1):.1f}%)"
+            f"({100.0 * ours['total'] / max(eager_bytes, 1):.1f}%); GaLore projectors "
+            f"{ours['projectors'] / 1e6:.2f} MB"
         )
     return summary
 

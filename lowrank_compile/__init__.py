@@ -54,7 +54,8 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> dict[str, Any]:
 
     Counts every tensor in `opt.state` and the backend's states for the parameters it took over
     from `opt` (8-bit states at their stored size: codes and per-block absmax), so it can be
-    compared with an eager optimizer's `opt.state`.
+    compared with an eager optimizer's `opt.state`. `projectors` (the GaLore projection
+    matrices, or DCT indices) is reported separately and is not part of `total`.
     """
     from lowrank_compile.runtime.binding import binding_of
 
@@ -69,4 +70,10 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> dict[str, Any]:
     torch_bytes = tensor_bytes(opt.state)
     binding = binding_of(opt)
     backend_bytes = binding.state_bytes() if binding is not None else 0
-    return {"torch": torch_bytes, "backend": backend_bytes, "total": torch_bytes + backend_bytes}
+    projectors = sum(st.owned_bytes()["projectors"] for st in binding.states) if binding is not None else 0
+    return {
+        "torch": torch_bytes,
+        "backend": backend_bytes,
+        "total": torch_bytes + backend_bytes,
+        "projectors": projectors,  # GaLore projectors (not optimizer states; reported beside them)
+    }

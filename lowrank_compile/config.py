@@ -56,7 +56,10 @@ OPTION_DOCS: dict[str, tuple[str, str]] = {
         "how projected gradients accumulate across backward calls; full keeps eager-size buffers "
         "and allows clip_grad_norm_ under gradient accumulation",
     ),
-    "state_bits": ("32 | 8", "storage of the optimizer states the backend owns"),
+    "state_bits": (
+        "32 | 8",
+        "storage of the optimizer states the backend owns: 8 = block-wise 8-bit (tensors of >= 4096 values)",
+    ),
     "min_dim": (
         "int >= 1",
         "parameters whose short side is below this stay with torch.optim (1-D ones always do)",
@@ -82,7 +85,7 @@ class LowRankConfig:
     adaptive_gap: bool = False
     rotate_states: bool = False
     grad_accumulation: str = "projected"
-    state_bits: int = 32
+    state_bits: int = 8
     min_dim: int = 32
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()

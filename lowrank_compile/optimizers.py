@@ -37,6 +37,8 @@ class OptimizerRule:
     )
     # Instance attributes (outside param groups) the step reads; set on the instance that is traced.
     instance_attrs: tuple[str, ...] = ()
+    # Whether the optimizer keeps a per-parameter step counter (a 0-d tensor) besides its states.
+    step_counter: bool = False
 
 
 def _adam_states(group: Mapping[str, Any]) -> int:
@@ -65,12 +67,14 @@ _RULES: dict[type, OptimizerRule] = {
         states_per_param=_adam_states,
         decoupled_weight_decay=lambda g: True,
         unsupported=_adam_unsupported,
+        step_counter=True,
     ),
     torch.optim.Adam: OptimizerRule(
         name="Adam",
         states_per_param=_adam_states,
         decoupled_weight_decay=lambda g: bool(g.get("decoupled_weight_decay", False)),
         unsupported=_adam_unsupported,
+        step_counter=True,
     ),
     torch.optim.SGD: OptimizerRule(
         name="SGD",

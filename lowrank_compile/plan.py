@@ -116,6 +116,17 @@ class ParamInfo:
     role: str = "other"
 
 
+def _state_bytes(numel: int, elt: int, state_bits: int) -> int:
+    """Bytes of one optimizer state of `numel` values as the backend stores it."""
+    from lowrank_compile.runtime.quant import BLOCK
+    from lowrank_compile.runtime.quant import MIN_QUANT_NUMEL
+
+    if state_bits == 8 and numel >= MIN_QUANT_NUMEL:
+        blocks = -(-numel // BLOCK)
+        return blocks * BLOCK + 4 * blocks  # uint8 codes (padded to whole blocks) + fp32 absmax
+    return numel * elt
+
+
 def _matches(name: str, globs: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, g) for g in globs)
 
@@ -144,14 +155,19 @@ def plan_param(info: ParamInfo, config: LowRankConfig) -> ParamPlan:
             rule = rule_for(opt)
             if rule is not None:
                 per = rule.states_per_param(opt.param_groups[group])
-                eager = per * p.numel() * elt
+                counter = 1 if rule.step_counter else 0
+                eager = per * p.numel() * elt + 4 * counter  # torch.optim: fp32 step counter
                 ours = eager
-                if kind is Kind.PROJECTED and rank is not None:
-                    m, n = shape
-                    kept = n if side == "left" else m
-                    reduced = m if side == "left" else n
-                    ours = per * rank * kept * elt
-                    proj = rank * 8 if config.projector == "dct" else rank * reduced * 4
+                if kind is not Kind.TORCH:
+                    numel = p.numel()
+                    if kind is Kind.PROJECTED and rank is not None:
+                        m, n = shape
+                        kept = n if side == "left" else m
+                        reduced = m if side == "left" else n
+                        numel = rank * kept
+                        proj = rank * 8 if config.projector == "dct" else rank * reduced * 4
+                    # The backend's step counter is float64 (8 B).
+                    ours = per * _state_bytes(numel, elt, config.state_bits) + 8 * counter
         return ParamPlan(
             name=info.name,
             shape=shape,

@@ -71,7 +71,7 @@ def test_matches_independent_galore_reference(rule, proj_type):
     ref = GaLoreReference(
         rm, ro, PROJECTED, rank=8, update_gap=5, scale=0.25, proj_type=proj_type, rule=ref_rule
     )
-    opts = {"rank": 8, "update_gap": 5, "scale": 0.25, "proj_type": proj_type, "min_dim": 4}
+    opts = {"rank": 8, "update_gap": 5, "scale": 0.25, "proj_type": proj_type, "state_bits": 32, "min_dim": 4}
     step = torch.compile(make_step(cm, co, mlp_loss), backend="lowrank", options=opts)
     for i in range(12):  # refreshes at updates 0, 5 and 10
         mlp_loss(rm, _b64(i)).backward()
@@ -114,7 +114,7 @@ def test_matches_galore_torch_oracle():
             **hp,
         )
     co = torch.optim.AdamW(cm.parameters(), **hp)
-    opts = {"rank": 8, "update_gap": 5, "scale": 0.25, "min_dim": 4}
+    opts = {"rank": 8, "update_gap": 5, "scale": 0.25, "state_bits": 32, "min_dim": 4}
     step = torch.compile(make_step(cm, co, mlp_loss), backend="lowrank", options=opts)
     for i in range(12):
         mlp_loss(gm_, _b64(i)).backward()
@@ -140,7 +140,7 @@ def test_accumulation_equals_concatenated_batch(projector):
     ma, mb = copy.deepcopy(base), copy.deepcopy(base)
     oa = torch.optim.AdamW(ma.parameters(), lr=1e-2, weight_decay=0.1)
     ob = torch.optim.AdamW(mb.parameters(), lr=1e-2, weight_decay=0.1)
-    opts = {"rank": 8, "update_gap": 3, "min_dim": 4, "projector": projector}
+    opts = {"rank": 8, "update_gap": 3, "state_bits": 32, "min_dim": 4, "projector": projector}
 
     def fwbw(m):
         def f(x, y, k):
@@ -174,7 +174,7 @@ def test_graph_is_never_shared_between_models():
     oa, ob = torch.optim.AdamW(ma.parameters(), lr=1e-2), torch.optim.AdamW(mb.parameters(), lr=1e-2)
     ra, rb = copy.deepcopy(base), copy.deepcopy(base)
     roa, rob = torch.optim.AdamW(ra.parameters(), lr=1e-2), torch.optim.AdamW(rb.parameters(), lr=1e-2)
-    opts = {"rank": None, "min_dim": 4}
+    opts = {"rank": None, "state_bits": 32, "min_dim": 4}
 
     def fwbw(m):
         def f(x, y):
@@ -229,7 +229,9 @@ def test_clip_grad_norm_uses_full_gradient_norm():
         co.zero_grad()
         return norm
 
-    cstep = torch.compile(step, backend="lowrank", options={"rank": 8, "update_gap": 3, "min_dim": 4})
+    cstep = torch.compile(
+        step, backend="lowrank", options={"rank": 8, "update_gap": 3, "state_bits": 32, "min_dim": 4}
+    )
     norms = [cstep(_b64(i)).item() for i in range(6)]
     assert min(ref_norms) > max_norm  # the clip really binds every step
     # Norms: the backend's sqrt(sum G^2) vs torch's vector_norm, float64: ~1e-15 relative.
@@ -247,7 +249,7 @@ def test_clip_under_accumulation_is_refused_or_exact_with_full_buffers():
         ref = GaLoreReference(
             rm, ro, PROJECTED, rank=8, update_gap=3, scale=0.25, proj_type="std", rule="adamw"
         )
-        opts = {"rank": 8, "update_gap": 3, "min_dim": 4, "grad_accumulation": mode}
+        opts = {"rank": 8, "update_gap": 3, "state_bits": 32, "min_dim": 4, "grad_accumulation": mode}
         fb = torch.compile(lambda b, cm=cm: mlp_loss(cm, b).backward(), backend="lowrank", options=opts)
         for i in range(4):
             for k in range(2):
@@ -271,7 +273,9 @@ def test_clip_grad_value_refuses_projected_parameters():
     model = mlp()
     opt = torch.optim.AdamW(model.parameters())
     fb = torch.compile(
-        lambda b: mlp_loss(model, b).backward(), backend="lowrank", options={"rank": 8, "min_dim": 4}
+        lambda b: mlp_loss(model, b).backward(),
+        backend="lowrank",
+        options={"rank": 8, "state_bits": 32, "min_dim": 4},
     )
     fb(mlp_batch(0))
     opt.step()
@@ -285,7 +289,9 @@ def test_svd_failure_keeps_projector_and_never_makes_nans(monkeypatch):
     model = mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     step = torch.compile(
-        make_step(model, opt, mlp_loss), backend="lowrank", options={"rank": 8, "update_gap": 2, "min_dim": 4}
+        make_step(model, opt, mlp_loss),
+        backend="lowrank",
+        options={"rank": 8, "update_gap": 2, "state_bits": 32, "min_dim": 4},
     )
     real_svd = torch.linalg.svd
     fail = {"on": True}
@@ -322,7 +328,7 @@ def test_adaptive_gap_doubles_when_subspace_is_stable():
     # A fixed batch gives a near-constant gradient subspace: cosine similarity ~1 at each refresh.
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    opts = {"rank": 4, "update_gap": 1, "min_dim": 4, "adaptive_gap": True}
+    opts = {"rank": 4, "update_gap": 1, "state_bits": 32, "min_dim": 4, "adaptive_gap": True}
     step = torch.compile(make_step(model, opt, mlp_loss), backend="lowrank", options=opts)
     for _ in range(12):
         step(mlp_batch(0))
@@ -334,7 +340,7 @@ def test_adaptive_gap_doubles_when_subspace_is_stable():
 def test_rotate_states_moves_first_moment_into_new_basis():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
-    opts = {"rank": 4, "update_gap": 2, "min_dim": 4, "rotate_states": True}
+    opts = {"rank": 4, "update_gap": 2, "state_bits": 32, "min_dim": 4, "rotate_states": True}
     step = torch.compile(make_step(model, opt, mlp_loss), backend="lowrank", options=opts)
     step(mlp_batch(0))
     step(mlp_batch(1))

@@ -64,7 +64,11 @@ def test_default_rank_none_plan():
     assert plan["tiny.weight"].reason == "short side 8 < min_dim=16"
     assert plan["frozen.weight"].reason == "requires_grad=False"
     assert plan["block.q_proj.bias"].reason.startswith("1-D")
-    assert plan["embed.weight"].eager_state_bytes == 2 * 100 * 48 * 4
+    # AdamW: two fp32 states and an fp32 step counter in torch.optim.
+    assert plan["embed.weight"].eager_state_bytes == 2 * 100 * 48 * 4 + 4
+    # The default state_bits=8: 4800 values >= 4096, so 19 blocks of 256 codes + 19 fp32 absmax
+    # per state, and a float64 step counter.
+    assert plan["embed.weight"].state_bytes == 2 * (19 * 256 + 19 * 4) + 8
     assert not any(p.surprising for p in plan.values())
 
 
@@ -74,8 +78,9 @@ def test_default_projected_plan_follows_roles():
     plan = _plan(model, opt, roles=ROLES, rank=0.25, min_dim=4)
     assert plan["block.q_proj.weight"].kind is Kind.PROJECTED
     assert plan["block.q_proj.weight"].rank == 12 and plan["block.q_proj.weight"].side == "right"
-    # states: 2 (AdamW) x 48 x 12 fp32 values; projector 48 x 12 fp32
-    assert plan["block.q_proj.weight"].state_bytes == 2 * 48 * 12 * 4
+    # states: 2 (AdamW) x 48 x 12 values, fp32 (576 < 4096 values: not quantized) + float64 step
+    # counter; projector 48 x 12 fp32
+    assert plan["block.q_proj.weight"].state_bytes == 2 * 48 * 12 * 4 + 8
     assert plan["block.q_proj.weight"].projector_bytes == 48 * 12 * 4
     assert plan["embed.weight"].kind is Kind.FULL and plan["embed.weight"].reason.startswith("embedding")
     assert plan["conv.weight"].kind is Kind.FULL and plan["conv.weight"].reason.startswith("conv kernel")
@@ -152,9 +157,12 @@ def test_plan_table_totals():
     opt = torch.optim.AdamW(model.parameters())  # alive during the scan below
     owners = find_owners(list(model.parameters()))
     infos = [ParamInfo(owners.name_of(p, "?"), p, owners.optimizer_of(p)) for p in model.parameters()]
-    plan = make_plan(infos, LowRankConfig(rank=None, min_dim=16))
+    plan = make_plan(infos, LowRankConfig(rank=None, state_bits=32, min_dim=16))
     ours, eager = plan.state_bytes()
-    assert ours == eager == sum(p.eager_state_bytes for p in plan.params) > 0
+    assert eager == sum(p.eager_state_bytes for p in plan.params) > 0
+    # Full-rank fp32 states cost what torch.optim's do, except the step counters: 8 B each
+    # (float64) in the backend, 4 B in torch.optim.
+    assert ours - eager == 4 * sum(1 for p in plan.params if p.kind is Kind.FULL)
     assert (
         plan.table()
         .splitlines()[-1]

@@ -17,8 +17,8 @@ from torch._dynamo.utils import counters
 
 from lowrank_compile.runtime.state import lookup
 
-OPTS = {"rank": None, "min_dim": 4}
-PROJECTED = {"rank": 8, "update_gap": 3, "min_dim": 4}
+OPTS = {"rank": None, "state_bits": 32, "min_dim": 4}
+PROJECTED = {"rank": 8, "update_gap": 3, "state_bits": 32, "min_dim": 4}
 
 SCHEDULERS = {
     "lambda": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.5 * s)),

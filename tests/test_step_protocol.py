@@ -1,8 +1,7 @@
 """The training-step protocol keeps eager semantics: accumulation, zero_grad, stray .grad, closures.
 
-float64 models: there the compiled AdamW step matches eager to ~1e-14 and SGD to its fp32 lr
-(3e-8 relative; see test_numerics). Any semantic slip (a lost or doubled gradient, a skipped
-step) shows up far above the 1e-6 used here.
+float64 models: there the compiled step matches eager to ~1e-14 (see test_numerics). Any
+semantic slip (a lost or doubled gradient, a skipped step) shows up far above the 1e-6 used here.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from models import mlp_loss
 
 from lowrank_compile.runtime.state import lookup
 
-OPTS = {"rank": None, "min_dim": 4}
+OPTS = {"rank": None, "state_bits": 32, "min_dim": 4}
 
 
 def _pair(opt_cls=torch.optim.AdamW, **kw):

@@ -92,13 +92,14 @@ def consume_project(
     left: bool,
 ) -> None:
     """R += proj(G), sum(G^2) and max|G|; with sketch tensors (omega, y) also Y += A Omega."""
-    _accumulate(fresh, rgrad, proj.t() @ g if left else g @ proj)
+    # GEMMs in the parameter's dtype; accumulation in the buffers' dtype (fp32 for bf16/fp16).
+    _accumulate(fresh, rgrad, (proj.t() @ g if left else g @ proj).to(rgrad.dtype))
     gw = g.to(sq.dtype)  # fp32, or the parameter's dtype when wider
     _accumulate(fresh, sq, (gw * gw).sum())
     _accumulate(fresh, amax, gw.abs().amax(), torch.maximum)
     if sketch:
         omega, y = sketch
-        _accumulate(fresh, y, (g if left else g.t()) @ omega)
+        _accumulate(fresh, y, ((g if left else g.t()) @ omega).to(y.dtype))
 
 
 def _inline(
@@ -175,7 +176,8 @@ class ConsumeGradients(GraphPass):
                     index = placeholder(slot, "index", (r,), torch.int64, dev)
                 else:
                     proj = placeholder(slot, "proj", (d, r), dt, dev)
-                rbuf = placeholder(slot, "rgrad", (r, n) if left else (m, r), dt, dev)
+                acc_dt = torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
+                rbuf = placeholder(slot, "rgrad", (r, n) if left else (m, r), acc_dt, dev)
                 stat_dt = torch.float64 if dt == torch.float64 else torch.float32
                 sq = placeholder(slot, "sq", (), stat_dt, dev)
                 amax = placeholder(slot, "amax", (), stat_dt, dev)
@@ -184,7 +186,7 @@ class ConsumeGradients(GraphPass):
                     k = slot.sketch_k
                     sketch = [
                         placeholder(slot, "omega", (e, k), dt, dev),
-                        placeholder(slot, "sketch_y", (d, k), dt, dev),
+                        placeholder(slot, "sketch_y", (d, k), acc_dt, dev),
                     ]
                 if slot.dct:
 

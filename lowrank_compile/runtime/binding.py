@@ -46,6 +46,7 @@ from lowrank_compile.runtime import refresh
 from lowrank_compile.runtime.rules import Rule
 from lowrank_compile.runtime.rules import trace_rule
 from lowrank_compile.runtime.state import ParamState
+from lowrank_compile.runtime.state import compute_dtype
 
 __all__ = ["OptimizerBinding", "binding_of"]
 
@@ -78,6 +79,95 @@ def _private_code(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
     return new
 
 
+def _load(store: list[torch.Tensor], kind: tuple[Any, ...], as_blocks: bool, numel: int) -> torch.Tensor:
+    if kind[0] == "q":
+        codes, absmax = store
+        if as_blocks:
+            return quant.dequantize_blocks(codes, absmax, kind[1])
+        return quant.dequantize_blockwise(codes, absmax, kind[1], numel)
+    (t,) = store
+    # A step counter is stored (1,) and handed to the rule as a 0-d view made in the graph: 0-d
+    # keeps eager's type promotion (a 1-D float64 would pull the update into float64).
+    if kind[0] == "s":
+        return t.view(())
+    return t.view(-1, quant.BLOCK) if as_blocks else t.view(-1)
+
+
+def _save(store: list[torch.Tensor], kind: tuple[Any, ...], value: torch.Tensor, as_blocks: bool) -> None:
+    if kind[0] == "q":
+        codes, absmax = store
+        new_codes, new_absmax = (
+            quant.quantize_blocks(value, kind[1]) if as_blocks else quant.quantize_blockwise(value, kind[1])
+        )
+        codes.copy_(new_codes)
+        absmax.copy_(new_absmax)
+    else:
+        (t,) = store
+        t.copy_(value.view(t.shape))
+
+
+def _update_one(
+    sig: tuple[Any, ...],
+    w: torch.Tensor,
+    grad: torch.Tensor,
+    lr1: torch.Tensor,
+    wd1: torch.Tensor,
+    basis: torch.Tensor | None,
+    index: torch.Tensor | None,
+    virtual: torch.Tensor | None,
+    *flat: torch.Tensor,
+) -> None:
+    """One parameter's update: its rule on the backend's tensors, states loaded and stored.
+
+    `sig` = (rule, first, projected, side, decoupled, dct, scale, layout, as_blocks): constants
+    Dynamo guards on. `layout` says how each state is stored: ("q", signed) 8-bit codes + absmax,
+    ("s",) a float64 step counter, ("t",) a plain tensor. Full-rank parameters update `w` from
+    `grad`. Projected ones run the rule on `virtual` (zeroed) from R = `grad`, then apply
+    W <- W * (1 - lr * wd) + back(scale * v). Without decoupled decay, wd * proj(W) is added to
+    R instead (L2).
+    """
+    rule, first, projected, side, decoupled, dct, scale, layout, as_blocks = sig
+    stores: list[list[torch.Tensor]] = []
+    i = 0
+    for kind in layout:
+        n = 2 if kind[0] == "q" else 1
+        stores.append(list(flat[i : i + n]))
+        i += n
+    lr = lr1.view(())
+    wd = wd1.view(())
+    if projected:
+        assert basis is not None and virtual is not None
+        pmat = basis.index_select(1, cast(torch.Tensor, index)) if dct else basis
+        pmat = pmat.to(w.dtype)
+        virtual.zero_()
+        target = virtual
+        if not decoupled:
+            grad = grad + wd * pm.project(w, pmat, side).to(grad.dtype)
+    else:
+        target = w
+    shape = (-1, quant.BLOCK) if as_blocks else (-1,)
+    # bf16/fp16 parameters: the rule computes in fp32, the result is rounded back once.
+    cdt = compute_dtype(target.dtype)
+    p, g = target.view(shape).to(cdt), grad.reshape(shape).to(cdt)
+    if first:
+        for store, kind, value in zip(stores, layout, rule.first(p, g, lr)):
+            _save(store, kind, value, as_blocks)
+    else:
+        values = [_load(store, kind, as_blocks, target.numel()) for store, kind in zip(stores, layout)]
+        rule.step(p, g, lr, *values)
+        for store, kind, value in zip(stores, layout, values):
+            if kind[0] == "q":
+                _save(store, kind, value, as_blocks)
+    if p.dtype != target.dtype:
+        target.view(shape).copy_(p)
+    if projected:
+        if decoupled:
+            w.mul_(1 - lr * wd)
+        # Scale the small R-shaped tensor, not through `alpha`: Inductor's add(mm) <-> addmm
+        # rewrites drop alpha (pytorch/pytorch#167313, open on 2.13; measured here).
+        w.add_(pm.project_back((cast(torch.Tensor, virtual) * scale).to(w.dtype), pmat, side))
+
+
 class OptimizerBinding:
     """Routes a user optimizer's `step`/`zero_grad` through the backend for its planned params."""
 
@@ -97,7 +187,8 @@ class OptimizerBinding:
         self._items: list[_Item] = []
         self._lrs: dict[int, torch.Tensor] = {}
         self._signatures: dict[tuple[int, bool], tuple[Any, ...]] = {}
-        self._compiled: Callable[[], Any] | None = None
+        self._compiled: dict[tuple[Any, ...], Callable[..., Any]] | None = None
+        self._decoupled = False
         self._hook_handle: Any = None
         self._saved: dict[str, Any] = {}
         self.update_calls = 0
@@ -197,7 +288,7 @@ class OptimizerBinding:
             for st in active:
                 if st.proj is not None:
                     refresh.prepare(st)
-        if self._compiled is None or self._rules_changed():
+        if self._compiled is None or not self._items or self._rules_changed():
             self._build()
         opt = self.opt
         for gi, lr in self._lrs.items():
@@ -206,9 +297,8 @@ class OptimizerBinding:
             it.active = not it.st.fresh
             if it.st.proj is not None:
                 it.wd = self.rule.weight_decay(opt, opt.param_groups[it.st.group])
-        assert self._compiled is not None
         with torch.no_grad():
-            self._compiled()
+            self._run_items()
             for it in self._items:
                 if it.active:
                     it.first = False
@@ -223,7 +313,7 @@ class OptimizerBinding:
         if st.proj is not None:
             group["weight_decay"] = 0.0  # applied by the epilogue, or folded into R (L2)
         attrs = {a: getattr(opt, a) for a in self.rule.instance_attrs if hasattr(opt, a)}
-        return trace_rule(type(opt), group, opt.defaults, attrs, st.view.dtype)
+        return trace_rule(type(opt), group, opt.defaults, attrs, compute_dtype(st.view.dtype))
 
     def _rules_changed(self) -> bool:
         """True when a param group's hyper-parameters changed (the rule must be traced again)."""
@@ -234,6 +324,7 @@ class OptimizerBinding:
         if st.ostate is not None and list(st.ostate) == [s.key for s in rule.specs]:
             return
         target = st.proj.virtual if st.proj is not None else st.view
+        cdt = compute_dtype(target.dtype)
         st.ostate = {}
         for spec in rule.specs:
             if spec.scalar:
@@ -241,11 +332,13 @@ class OptimizerBinding:
                 # float64 CPU tensor is silently dropped (Dynamo treats those as Python floats).
                 st.ostate[spec.key] = torch.zeros(1, dtype=torch.float64, device=target.device)
             elif self.config.state_bits == 8 and target.numel() >= quant.MIN_QUANT_NUMEL:
-                st.ostate[spec.key] = quant.QState.zeros(
-                    tuple(target.shape), not spec.second_moment, target.device
-                )
+                signed = not spec.second_moment
+                # Made now, outside the trace, so the compiled update reads them as constants.
+                quant.dynamic_map(signed, target.device)
+                quant.map_thresholds(signed, target.device)
+                st.ostate[spec.key] = quant.QState.zeros(tuple(target.shape), signed, target.device)
             else:
-                st.ostate[spec.key] = torch.zeros(target.shape, dtype=target.dtype, device=target.device)
+                st.ostate[spec.key] = torch.zeros(target.shape, dtype=cdt, device=target.device)
 
     def _build(self) -> None:
         opt = self.opt
@@ -262,63 +355,59 @@ class OptimizerBinding:
             first = prev.first if prev is not None else not rule.zero_init
             item = _Item(st, rule, lr, 0.0, first=first and not rule.zero_init)
             self._items.append(item)
-        decoupled = self.rule.decoupled_weight_decay(opt.param_groups[0])
+        self._compiled = self._compiled or {}
+        self._decoupled = self.rule.decoupled_weight_decay(opt.param_groups[0])
+
+    def _run_items(self) -> None:
+        """Run the compiled per-parameter update for every active item.
+
+        Each kind of parameter (rule, flags, storage layout: the `sig` tuple) has its compiled
+        function with a private code object, so kinds never share Dynamo's per-code cache limit.
+        Parameters of one kind pass their tensors as arguments, so parameters of one shape share
+        a compiled graph, and Dynamo's automatic dynamic shapes fold other shapes into one.
+        Compile time follows the variety of parameters, not their number.
+        """
+        assert self._compiled is not None
         scale = float(self.config.scale)
-        items = self._items
-
-        def load(store: Any) -> torch.Tensor:
-            if isinstance(store, quant.QState):
-                return quant.dequantize_blockwise(store.codes, store.absmax, store.signed, store.numel)
-            # A step counter is stored (1,) and handed to the rule as a 0-d view made in the graph:
-            # 0-d keeps eager's type promotion (a 1-D float64 would pull the update into float64).
-            return store.view(()) if store.numel() == 1 and store.dtype == torch.float64 else store.view(-1)
-
-        def save(store: Any, value: torch.Tensor) -> None:
-            if isinstance(store, quant.QState):
-                codes, absmax = quant.quantize_blockwise(value, store.signed)
-                store.codes.copy_(codes)
-                store.absmax.copy_(absmax)
+        for it in self._items:
+            if not it.active:
+                continue
+            st = it.st
+            pj = st.proj
+            stores = list(cast(dict, st.ostate).values())
+            layout = tuple(
+                ("q", s.signed)
+                if isinstance(s, quant.QState)
+                else ("s",)
+                if s.numel() == 1 and s.dtype == torch.float64
+                else ("t",)
+                for s in stores
+            )
+            flat: list[torch.Tensor] = []
+            for s in stores:
+                flat += [s.codes, s.absmax] if isinstance(s, quant.QState) else [s]
+            target = pj.virtual if pj is not None else st.view
+            as_blocks = any(isinstance(s, quant.QState) for s in stores) and target.numel() % quant.BLOCK == 0
+            wd = torch.tensor(it.wd, dtype=torch.float64) if pj is not None else it.lr  # a (1,) tensor
+            sig: tuple[Any, ...]
+            if pj is None:
+                sig = (it.rule, it.first, False, None, False, False, scale, layout, as_blocks)
+                self._fn(sig)(sig, st.view, cast(torch.Tensor, st.grad), it.lr, wd, None, None, None, *flat)
             else:
-                store.copy_(value.view(store.shape))
+                dct = pj.basis is not None
+                sig = (it.rule, it.first, True, pj.side, self._decoupled, dct, scale, layout, as_blocks)
+                basis = pj.basis if dct else pj.p
+                self._fn(sig)(sig, st.view, pj.r_acc, it.lr, wd.view(1), basis, pj.index, pj.virtual, *flat)
 
-        def lowrank_update() -> None:
-            for it in items:
-                if not it.active:
-                    continue
-                st = it.st
-                pj = st.proj
-                if pj is None:
-                    p, g = st.view.view(-1), cast(torch.Tensor, st.grad).view(-1)
-                else:
-                    pmat = (
-                        pj.p if pj.basis is None else pj.basis.index_select(1, cast(torch.Tensor, pj.index))
-                    )
-                    pj.virtual.zero_()
-                    p = pj.virtual.view(-1)
-                    r = pj.r_acc
-                    if not decoupled and it.wd:
-                        r = r + it.wd * pm.project(st.view, pmat, pj.side)
-                    g = r.reshape(-1)
-                stores = list(cast(dict, st.ostate).values())
-                lr = it.lr.view(())
-                if it.first:
-                    for store, value in zip(stores, it.rule.first(p, g, lr)):
-                        save(store, value)
-                else:
-                    values = [load(s) for s in stores]
-                    it.rule.step(p, g, lr, *values)
-                    for store, value in zip(stores, values):
-                        if isinstance(store, quant.QState):
-                            save(store, value)
-                if pj is not None:
-                    if decoupled and it.wd:
-                        st.view.mul_(1 - lr * it.wd)
-                    # Scale the small R-shaped tensor, not through `alpha`: Inductor's add(mm) <->
-                    # addmm rewrites drop alpha (pytorch/pytorch#167313, open on 2.13; measured here).
-                    st.view.add_(pm.project_back(pj.virtual * scale, pmat, pj.side))
-
-        fn = _private_code(lowrank_update, f"lowrank_update_{type(opt).__name__}_{self.id}")
-        self._compiled = torch.compile(fn, backend=self.update_backend)
+    def _fn(self, sig: tuple[Any, ...]) -> Callable[..., Any]:
+        assert self._compiled is not None
+        fn = self._compiled.get(sig)
+        if fn is None:
+            name = f"lowrank_update_{type(self.opt).__name__}_{self.id}_{len(self._compiled)}"
+            fn = self._compiled[sig] = torch.compile(
+                _private_code(_update_one, name), backend=self.update_backend
+            )
+        return fn
 
     def state_bytes(self) -> int:
         """Bytes of the optimizer states the backend holds for this optimizer."""

@@ -31,9 +31,12 @@ import torch
 
 __all__ = [
     "BLOCK",
+    "nearest_code",
     "MIN_QUANT_NUMEL",
     "QState",
+    "dequantize_blocks",
     "dequantize_blockwise",
+    "quantize_blocks",
     "dynamic_map",
     "map_thresholds",
     "quantize_blockwise",
@@ -130,12 +133,45 @@ def quantize_blockwise(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, tor
     absmax = blocks.abs().amax(dim=1)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     normed = blocks / safe.unsqueeze(1)
-    codes = torch.bucketize(normed, map_thresholds(signed, x.device), right=False)
-    return codes.to(torch.uint8).view(-1), absmax
+    return nearest_code(normed, map_thresholds(signed, x.device)).view(-1), absmax
+
+
+def nearest_code(normed: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """uint8 code of each value: the number of thresholds below it, by an 8-step binary search.
+
+    Pointwise (one table lookup and one comparison per step), so Inductor fuses it into the
+    update and no full-size index tensor is ever made. `torch.bucketize` computes the same
+    codes, but Inductor's CPU backend runs it as a separate kernel with an int64 output.
+    """
+    code = torch.zeros_like(normed, dtype=torch.int32)
+    step = 128
+    while step:
+        probe = code + step  # candidate code; threshold probe - 1 separates it from the one below
+        code = torch.where(thresholds[probe - 1] < normed, probe, code)
+        step //= 2
+    return code.to(torch.uint8)
+
+
+def dequantize_blocks(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The fp32 values of block-wise codes, shaped (nblocks, BLOCK) (padding included)."""
+    nb = absmax.numel()
+    return dynamic_map(signed, codes.device)[codes.long()].view(nb, BLOCK) * absmax.unsqueeze(1)
+
+
+def quantize_blocks(blocks: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_blockwise` of values already shaped (nblocks, BLOCK).
+
+    The update works in this shape when a tensor's size is a multiple of BLOCK. Then the
+    parameter, its gradient and its states share one loop nest, and Inductor keeps each
+    dequantised block in a local buffer instead of a full-size one.
+    """
+    blocks = blocks.float()
+    absmax = blocks.abs().amax(dim=1)
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    codes = nearest_code(blocks / safe.unsqueeze(1), map_thresholds(signed, blocks.device))
+    return codes.view(-1), absmax
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, numel: int) -> torch.Tensor:
     """The fp32 values (flat, `numel` long) of block-wise codes."""
-    nb = absmax.numel()
-    vals = dynamic_map(signed, codes.device)[codes.long()].view(nb, BLOCK) * absmax.unsqueeze(1)
-    return vals.view(-1)[:numel]
+    return dequantize_blocks(codes, absmax, signed).view(-1)[:numel]

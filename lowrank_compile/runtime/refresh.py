@@ -150,7 +150,7 @@ def prepare(st: ParamState) -> None:
                     _install(st, new)
                 else:
                     pj.next_refresh = pj.updates + pj.gap
-        pj.r_acc.copy_(pm.project(g, pj.projector(), pj.side).to(pj.r_acc.dtype))
+        pj.r_acc.copy_(pm.project(g.to(pj.r_acc.dtype), pj.projector().to(pj.r_acc.dtype), pj.side))
         pj.full = None
         return
     if due and pj.method == "randomized":
@@ -177,7 +177,7 @@ def _refresh_randomized_from_full(st: ParamState, g: torch.Tensor) -> None:
     assert pj is not None
     st._ensure_sketch()
     assert pj.omega is not None
-    pj.sketch_y = (g if pj.side == "left" else g.t()) @ pj.omega
+    pj.sketch_y = ((g if pj.side == "left" else g.t()).float() @ pj.omega.float()).to(pj.r_acc.dtype)
     _refresh_randomized(st)
     if pj.pending_p is not None:
         new, pj.pending_p = pj.pending_p, None

@@ -52,7 +52,7 @@ class StateSpec:
     second_moment: bool
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a Rule is a key of the compiled-update caches
 class Rule:
     """A traced update rule (see the module docstring)."""
 

@@ -37,7 +37,7 @@ from lowrank_compile.runtime import projector as proj_math
 if TYPE_CHECKING:
     from lowrank_compile.runtime.binding import OptimizerBinding
 
-__all__ = ["ParamState", "Projection", "decided", "lookup", "register", "registry_clear"]
+__all__ = ["ParamState", "Projection", "compute_dtype", "decided", "lookup", "register", "registry_clear"]
 
 # Q-GaLore's adaptive refresh: the last SIM_WINDOW cosine similarities between successive top
 # singular vectors; when their mean reaches SIM_THRESHOLD the layer's gap doubles.
@@ -198,7 +198,7 @@ class ParamState:
             scale = omega[:, q.shape[1] :].norm(dim=0).mean() if k > q.shape[1] else torch.tensor(1.0)
             omega[:, : q.shape[1]] = q * scale
         pj.omega = omega.to(device=dev, dtype=dt)
-        pj.sketch_y = torch.zeros(pj.reduced, k, device=dev, dtype=dt)
+        pj.sketch_y = torch.zeros(pj.reduced, k, device=dev, dtype=compute_dtype(dt))
 
     # ------------------------------------------------------------- eager-side accumulation
     def accumulate(self, g: torch.Tensor) -> None:
@@ -217,12 +217,12 @@ class ParamState:
                 full = self.input_for("grad")
                 full.copy_(g) if self.fresh else full.add_(g)
             else:
-                r = proj_math.project(g, pj.projector(), pj.side).to(pj.r_acc.dtype)
+                r = proj_math.project(g, pj.projector().to(g.dtype), pj.side).to(pj.r_acc.dtype)
                 pj.r_acc.copy_(r) if self.fresh else pj.r_acc.add_(r)
                 if refreshing:  # randomized
                     self._ensure_sketch()
                     assert pj.omega is not None and pj.sketch_y is not None
-                    y = (g if pj.side == "left" else g.t()) @ pj.omega
+                    y = ((g if pj.side == "left" else g.t()) @ pj.omega.to(g.dtype)).to(pj.sketch_y.dtype)
                     pj.sketch_y.copy_(y) if self.fresh else pj.sketch_y.add_(y)
             gw = g.to(pj.sq.dtype)
             sq = gw.pow(2).sum()
@@ -274,6 +274,11 @@ class ParamState:
         }
 
 
+def compute_dtype(dt: torch.dtype) -> torch.dtype:
+    """The dtype the update computes in: fp32 for bf16/fp16 parameters, else the parameter's own."""
+    return torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
+
+
 def _stat_dtype(dt: torch.dtype) -> torch.dtype:
     """The dtype of the ||G||^2 and max|G| accumulators: fp32, or the parameter's when wider."""
     return torch.float64 if dt == torch.float64 else torch.float32
@@ -310,10 +315,12 @@ def _make_projection(p: torch.Tensor, plan: ParamPlan, config: LowRankConfig) ->
         method=config.projector,
         shape=shape,
         p=pmat,
-        r_acc=torch.zeros(low, device=dev, dtype=dt),
+        # Low-rank accumulators and the rule's parameter in the compute dtype (fp32 for bf16/fp16
+        # parameters); the projector stays in the parameter's dtype for the GEMMs.
+        r_acc=torch.zeros(low, device=dev, dtype=compute_dtype(dt)),
         sq=torch.zeros((), device=dev, dtype=_stat_dtype(dt)),
         amax=torch.zeros((), device=dev, dtype=_stat_dtype(dt)),
-        virtual=torch.zeros(low, device=dev, dtype=dt),
+        virtual=torch.zeros(low, device=dev, dtype=compute_dtype(dt)),
         basis=basis,
         index=index,
         gap=config.update_gap,
