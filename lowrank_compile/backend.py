@@ -211,6 +211,8 @@ class LowRankBackend:
             plan = make_plan(infos, self.config)
             for (_, p), info, pp in zip(new, infos, plan.params):
                 st = self._take_over(p, info, pp) if pp.kind is not Kind.TORCH else None
+                if st is None:
+                    _to_torch_format(p, info, pp)
                 state_mod.register(p, pp, st)
             self._warn_left_alone(plan.params)
         slots: dict[int, ParamState] = {}
@@ -242,6 +244,12 @@ class LowRankBackend:
             binding.install()
         st = ParamState.create(p, pp, self.config)
         binding.add(st)
+        entry = opt.state.pop(p, None)
+        if entry:
+            # A loaded checkpoint, or states of eager steps taken before the first compiled one.
+            from lowrank_compile.runtime import checkpoint
+
+            checkpoint.restore(st, entry)
         return st
 
     def _warn_left_alone(self, plans: list[ParamPlan]) -> None:
@@ -258,6 +266,16 @@ class LowRankBackend:
         compiled = self.inductor(gm, example_inputs)
         self.graphs.append(GraphRecord(len(self.graphs), len(example_inputs), [], {}, kind="update"))
         return compiled
+
+
+def _to_torch_format(p: torch.Tensor, info: ParamInfo, pp: ParamPlan) -> None:
+    """A lowrank checkpoint entry of a parameter now left to torch.optim, in torch.optim's format."""
+    from lowrank_compile.runtime import checkpoint
+
+    for opt, _ in info.owners:
+        entry = opt.state.get(p)
+        if isinstance(entry, dict) and isinstance(entry.get("lowrank"), dict):
+            opt.state[p] = checkpoint.to_torch(pp.name, entry, p)
 
 
 def _slot(i: int, st: ParamState, variant: str) -> Any:
@@ -405,10 +423,12 @@ def reset() -> None:
     Parameters keep their current values. Optimizer states owned by the backend are dropped.
     """
     from lowrank_compile.runtime import clip
+    from lowrank_compile.runtime import torch_hooks
 
     for b in all_bindings():
         b.uninstall()
     clip.uninstall()
+    torch_hooks.uninstall()
     state_mod.registry_clear()
     _BACKENDS.clear()
     _warned.clear()

@@ -12,6 +12,12 @@ def mlp(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 40), nn.GELU(), nn.Linear(40, 10))
 
 
+def wide_mlp(seed: int = 0) -> nn.Module:
+    """An MLP whose projected states (rank 16: 512 x 16 and 16 x 512) are big enough for 8-bit."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(24, 512), nn.GELU(), nn.Linear(512, 64), nn.GELU(), nn.Linear(64, 10))
+
+
 def mlp_batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + i)
     return torch.randn(12, 24, generator=g), torch.randint(0, 10, (12,), generator=g)

@@ -140,3 +140,17 @@ def test_step_with_closure_returns_loss():
         el = eo.step(eclosure)
         assert torch.allclose(ll, el)
     _close(lm, em)
+
+
+def test_model_zero_grad_reaches_the_backend_buffers():
+    (em, eo), (lm, lo) = _pair(lr=1e-2)
+    cb, eb = torch.compile(_backward(lm), backend="lowrank", options=OPTS), _backward(em)
+    for i in range(3):
+        eb(_batch(i))
+        cb(_batch(i))
+        eo.step()
+        lo.step()
+        em.zero_grad()  # the module's zero_grad, not the optimizer's
+        lm.zero_grad()
+    assert lookup(lm[0].weight).fresh
+    _close(lm, em)

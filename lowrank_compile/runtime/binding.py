@@ -40,6 +40,7 @@ import torch
 
 from lowrank_compile.config import LowRankConfig
 from lowrank_compile.optimizers import OptimizerRule
+from lowrank_compile.runtime import checkpoint
 from lowrank_compile.runtime import projector as pm
 from lowrank_compile.runtime import quant
 from lowrank_compile.runtime import refresh
@@ -190,6 +191,8 @@ class OptimizerBinding:
         self._compiled: dict[tuple[Any, ...], Callable[..., Any]] | None = None
         self._decoupled = False
         self._hook_handle: Any = None
+        self._sd_handles: list[Any] = []
+        self._dirty = False
         self._saved: dict[str, Any] = {}
         self.update_calls = 0
 
@@ -206,7 +209,18 @@ class OptimizerBinding:
         """Take over one more parameter; the compiled update is rebuilt at the next step."""
         state.binding = self
         self.states.append(state)
-        self._compiled = None
+        self._dirty = True
+
+    def invalidate(self) -> None:
+        """Rebuild the update's items before the next update (states were loaded or dropped)."""
+        self._dirty = True
+
+    def is_first(self, st: ParamState) -> bool:
+        """True when the next update of `st` runs the rule's first step (states not yet set)."""
+        for it in self._items:
+            if it.st is st:
+                return it.first
+        return st.ostate is None
 
     def install(self) -> None:
         """Wrap the optimizer's `step` and `zero_grad`, and add the update as first post-hook."""
@@ -215,8 +229,10 @@ class OptimizerBinding:
             raise RuntimeError("optimizer already bound by lowrank_compile")
         from lowrank_compile import _compat
         from lowrank_compile.runtime import clip
+        from lowrank_compile.runtime import torch_hooks
 
         clip.install()
+        torch_hooks.install()
         binding = self
         for attr in ("step", "zero_grad"):
             self._saved[attr] = opt.__dict__.get(attr)  # an instance attribute (LRScheduler's), or None
@@ -241,6 +257,10 @@ class OptimizerBinding:
         self._hook_handle = opt.register_step_post_hook(lambda o, a, k: binding.update())
         hooks = cast("OrderedDict[int, Any]", opt._optimizer_step_post_hooks)  # an OrderedDict at runtime
         hooks.move_to_end(self._hook_handle.id, last=False)
+        self._sd_handles = [
+            opt.register_state_dict_post_hook(lambda o, sd: binding.export_state(sd)),
+            opt.register_load_state_dict_post_hook(lambda o: binding.import_state()),
+        ]
         setattr(opt, _ATTR, self)
 
     def uninstall(self) -> None:
@@ -255,6 +275,9 @@ class OptimizerBinding:
                 setattr(opt, attr, saved)
         if self._hook_handle is not None:
             self._hook_handle.remove()
+        for h in self._sd_handles:
+            h.remove()
+        self._sd_handles = []
         if getattr(opt, _ATTR, None) is self:
             delattr(opt, _ATTR)
 
@@ -288,7 +311,7 @@ class OptimizerBinding:
             for st in active:
                 if st.proj is not None:
                     refresh.prepare(st)
-        if self._compiled is None or not self._items or self._rules_changed():
+        if self._compiled is None or self._dirty or not self._items or self._rules_changed():
             self._build()
         opt = self.opt
         for gi, lr in self._lrs.items():
@@ -319,10 +342,17 @@ class OptimizerBinding:
         """True when a param group's hyper-parameters changed (the rule must be traced again)."""
         return any(self._rule_for(it.st).signature != it.rule.signature for it in self._items)
 
-    def _allocate(self, st: ParamState, rule: Rule) -> None:
-        """The state storage of `st`: fp32 tensors, or 8-bit QStates when asked and large enough."""
-        if st.ostate is not None and list(st.ostate) == [s.key for s in rule.specs]:
-            return
+    def _allocate(self, st: ParamState, rule: Rule) -> bool:
+        """Make the state storage of `st` and move loaded states into it.
+
+        Storage: fp32 tensors, or 8-bit QStates when asked and large enough. Returns True when
+        loaded states were stored.
+        """
+        if st.ostate is None or list(st.ostate) != [s.key for s in rule.specs]:
+            self._make_storage(st, rule)
+        return checkpoint.store_pending(st, rule.specs)
+
+    def _make_storage(self, st: ParamState, rule: Rule) -> None:
         target = st.proj.virtual if st.proj is not None else st.view
         cdt = compute_dtype(target.dtype)
         st.ostate = {}
@@ -347,15 +377,19 @@ class OptimizerBinding:
         self._items = []
         for st in sorted(self.states, key=lambda s: (s.group, order.get(id(s.param), 0))):
             rule = self._rule_for(st)
-            self._allocate(st, rule)
+            restored = self._allocate(st, rule)
             # float64 keeps lr and 1 - lr * wd as exact as eager's Python floats; shape (1,) for the
             # reason given in `_allocate`.
             lr = self._lrs.setdefault(st.group, torch.zeros(1, dtype=torch.float64, device=st.view.device))
             prev = old.get(id(st))
-            first = prev.first if prev is not None else not rule.zero_init
+            first = prev.first if prev is not None and not st.pending_first else True
+            if restored:
+                first = False
+            st.pending_first = False
             item = _Item(st, rule, lr, 0.0, first=first and not rule.zero_init)
             self._items.append(item)
         self._compiled = self._compiled or {}
+        self._dirty = False
         self._decoupled = self.rule.decoupled_weight_decay(opt.param_groups[0])
 
     def _run_items(self) -> None:
@@ -408,6 +442,54 @@ class OptimizerBinding:
                 _private_code(_update_one, name), backend=self.update_backend
             )
         return fn
+
+    # ----------------------------------------------------------------- checkpoints
+    def export_state(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """`state_dict` post-hook: add the backend's state of each taken-over parameter.
+
+        Entries go under the index torch.optim gave the parameter in `sd["param_groups"]`.
+        """
+        opt = self.opt
+        if self._dirty or any(st.pending_state is not None for st in self.states):
+            self._build()  # loaded states not yet moved into storage
+        index = {
+            id(p): i
+            for group, packed in zip(opt.param_groups, sd["param_groups"])
+            for p, i in zip(group["params"], packed["params"])
+        }
+        for st in self.states:
+            p = st.param
+            if p is None or id(p) not in index:
+                continue
+            entry = checkpoint.export(st)
+            if entry is not None:
+                sd["state"][index[id(p)]] = entry
+        return sd
+
+    def import_state(self) -> None:
+        """`load_state_dict` post-hook: take the loaded entries of taken-over parameters back.
+
+        A parameter without an entry loses its state, as in torch.optim (the state is replaced).
+        """
+        from lowrank_compile.runtime.state import decided
+
+        opt = self.opt
+        mine = set()
+        for st in self.states:
+            p = st.param
+            if p is None:
+                continue
+            mine.add(id(p))
+            entry = opt.state.pop(p, None)
+            if entry:
+                checkpoint.restore(st, entry)
+            else:
+                checkpoint.forget(st)
+        for p, entry in list(opt.state.items()):
+            # A lowrank entry for a parameter torch.optim updates (saved under other options).
+            if id(p) not in mine and isinstance(entry, dict) and isinstance(entry.get("lowrank"), dict):
+                plan = decided(p)
+                opt.state[p] = checkpoint.to_torch(plan.name if plan else "a parameter", entry, p)
 
     def state_bytes(self) -> int:
         """Bytes of the optimizer states the backend holds for this optimizer."""

@@ -116,6 +116,10 @@ class ParamState:
     fresh: bool = True
     backward_calls: int = 0
     calls_since_zero: int = 0
+    # States loaded from a checkpoint, moved into `ostate` when the update is next built
+    # (runtime/checkpoint.py); `pending_first`: the rule's first step has still to run.
+    pending_state: dict[str, Any] | None = None
+    pending_first: bool = False
 
     @classmethod
     def create(cls, p: torch.Tensor, plan: ParamPlan, config: LowRankConfig) -> ParamState:
@@ -231,6 +235,19 @@ class ParamState:
             pj.amax.copy_(am) if self.fresh else torch.maximum(pj.amax, am, out=pj.amax)
         self.fresh = False
         self.calls_since_zero += 1
+
+    def gradient_buffers(self) -> list[torch.Tensor]:
+        """The buffers linear in this step's gradient, for loss-scale unscaling and inf checks.
+
+        Projection is linear, so an inf/NaN in G reaches R, and it always reaches max|G|. The sum
+        of squares is not linear (it scales by the square) and is left to the caller.
+        """
+        if self.proj is None:
+            assert self.grad is not None
+            return [self.grad]
+        pj = self.proj
+        bufs = [pj.r_acc, pj.amax] + [t for t in (pj.full, pj.sketch_y) if t is not None]
+        return bufs
 
     def zero_grad(self, set_to_none: bool) -> None:
         """Eager `zero_grad` semantics: forget the gradient, or zero it when there is one."""
