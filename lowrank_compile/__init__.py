@@ -14,6 +14,7 @@ from typing import Any
 from lowrank_compile.config import OPTION_DOCS
 from lowrank_compile.config import LowRankConfig
 from lowrank_compile.config import LowRankOptionError
+from lowrank_compile.config import LowRankUsageError
 from lowrank_compile.config import parse_options
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ __all__ = [
     "OPTION_DOCS",
     "LowRankConfig",
     "LowRankOptionError",
+    "LowRankUsageError",
     "current_plan",
     "optimizer_state_bytes",
     "parse_options",

@@ -35,6 +35,7 @@ from lowrank_compile.plan import Kind
 from lowrank_compile.plan import ParamInfo
 from lowrank_compile.plan import ParamPlan
 from lowrank_compile.plan import make_plan
+from lowrank_compile.plan import revisable
 from lowrank_compile.runtime import state as state_mod
 from lowrank_compile.runtime.state import ParamState
 
@@ -200,7 +201,9 @@ class LowRankBackend:
         from lowrank_compile.discovery import find_owners
         from lowrank_compile.roles import param_roles
 
-        new = [(i, p) for i, p in params if state_mod.decided(p) is None]
+        # New parameters, and ones left to torch.optim only because they were frozen or held by
+        # no optimizer when first planned (unfrozen since, or added with add_param_group).
+        new = [(i, p) for i, p in params if (d := state_mod.decided(p)) is None or revisable(d, p)]
         if new:
             owners = find_owners(p for _, p in new)
             roles = param_roles(gm, [i for i, _ in new])
@@ -215,6 +218,12 @@ class LowRankBackend:
                     _to_torch_format(p, info, pp)
                 state_mod.register(p, pp, st)
             self._warn_left_alone(plan.params)
+        if len(new) < len(params):
+            # Parameters trained already: follow them if their optimizer was replaced.
+            from lowrank_compile.runtime.torch_hooks import follow_replaced_optimizers
+
+            seen = {id(p) for _, p in new}
+            follow_replaced_optimizers([p for _, p in params if id(p) not in seen])
         slots: dict[int, ParamState] = {}
         for i, p in params:
             st = state_mod.lookup(p)
@@ -230,6 +239,17 @@ class LowRankBackend:
             slots[i] = st
         return slots
 
+    def take_over_late(self, p: torch.Tensor, info: ParamInfo) -> ParamState | None:
+        """Plan a parameter the graphs left to torch.optim again, and take it over if the plan says so.
+
+        Used for parameters added with `add_param_group` after the graphs were compiled: those
+        graphs still write the gradient to `.grad`, and the step folds it into the buffers.
+        """
+        pp = make_plan([info], self.config).params[0]
+        st = self._take_over(p, info, pp) if pp.taken_over else None
+        state_mod.register(p, pp, st)
+        return st
+
     def _take_over(self, p: torch.Tensor, info: ParamInfo, pp: ParamPlan) -> ParamState:
         from lowrank_compile.optimizers import rule_for
         from lowrank_compile.runtime.binding import OptimizerBinding
@@ -240,7 +260,7 @@ class LowRankBackend:
         if binding is None:
             rule = rule_for(opt)
             assert rule is not None
-            binding = OptimizerBinding(opt, rule, self.config, self.update_backend)
+            binding = OptimizerBinding(opt, rule, self.config, self)
             binding.install()
         st = ParamState.create(p, pp, self.config)
         binding.add(st)

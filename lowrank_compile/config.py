@@ -14,7 +14,11 @@ from collections.abc import Iterable
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["LowRankConfig", "LowRankOptionError", "OPTION_DOCS", "parse_options"]
+__all__ = ["LowRankConfig", "LowRankOptionError", "LowRankUsageError", "OPTION_DOCS", "parse_options"]
+
+
+class LowRankUsageError(RuntimeError):
+    """Training code does something the backend cannot follow; the message says what to do."""
 
 
 class LowRankOptionError(ValueError):

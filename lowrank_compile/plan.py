@@ -18,7 +18,10 @@ from lowrank_compile.config import LowRankConfig
 from lowrank_compile.optimizers import rule_for
 from lowrank_compile.optimizers import supported_names
 
-__all__ = ["Kind", "ParamPlan", "Plan", "make_plan"]
+__all__ = ["Kind", "ParamPlan", "Plan", "make_plan", "revisable"]
+
+FROZEN = "requires_grad=False"
+NO_OPTIMIZER = "no torch.optim optimizer holds it"
 
 
 class Kind(str, enum.Enum):
@@ -186,9 +189,9 @@ def plan_param(info: ParamInfo, config: LowRankConfig) -> ParamPlan:
         )
 
     if not p.requires_grad:
-        return decide(Kind.TORCH, "requires_grad=False")
+        return decide(Kind.TORCH, FROZEN)
     if not info.owners:
-        return decide(Kind.TORCH, "no torch.optim optimizer holds it", surprising=True)
+        return decide(Kind.TORCH, NO_OPTIMIZER, surprising=True)
     if len(info.owners) > 1:
         names = ", ".join(type(o).__name__ for o, _ in info.owners)
         return decide(Kind.TORCH, f"listed by more than one optimizer/param group ({names})", surprising=True)
@@ -240,6 +243,15 @@ def plan_param(info: ParamInfo, config: LowRankConfig) -> ParamPlan:
     side = choose_side((shape[0], shape[1]), config.proj_type)
     what = "matched by option include" if config.include else "hidden matmul weight"
     return decide(Kind.PROJECTED, f"{what}: rank {rank} of {short}", opt, group, rank=rank, side=side)
+
+
+def revisable(pp: ParamPlan, p: torch.Tensor) -> bool:
+    """True when a parameter left to torch.optim may be taken over now.
+
+    That is the case once a frozen parameter trains again, or for a parameter that no optimizer
+    held when it was planned (it may since have been added with `add_param_group`).
+    """
+    return pp.kind is Kind.TORCH and ((pp.reason == FROZEN and p.requires_grad) or pp.reason == NO_OPTIMIZER)
 
 
 def make_plan(infos: Sequence[ParamInfo], config: LowRankConfig) -> Plan:

@@ -177,12 +177,13 @@ class OptimizerBinding:
         opt: torch.optim.Optimizer,
         rule: OptimizerRule,
         config: LowRankConfig,
-        update_backend: Callable[..., Any],
+        backend: Any,
     ) -> None:
         self._opt_ref = weakref.ref(opt)
         self.rule = rule
         self.config = config
-        self.update_backend = update_backend
+        self.backend = backend  # the LowRankBackend whose graphs feed this optimizer
+        self._nparams = sum(len(g["params"]) for g in opt.param_groups)
         self.states: list[ParamState] = []
         self.id = next(_ids)
         self._items: list[_Item] = []
@@ -289,9 +290,27 @@ class OptimizerBinding:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        nparams = sum(len(g["params"]) for g in self.opt.param_groups)
+        if nparams != self._nparams:
+            self._nparams = nparams
+            self._take_over_added()
         self.fold_stray_grads()
         out = orig_step(**kw)
         return loss if closure is not None else out
+
+    def _take_over_added(self) -> None:
+        """Take over parameters added to the optimizer after the graphs that use them were planned."""
+        from lowrank_compile.plan import NO_OPTIMIZER
+        from lowrank_compile.plan import ParamInfo
+        from lowrank_compile.runtime.state import decided
+        from lowrank_compile.runtime.state import lookup
+
+        opt = self.opt
+        for gi, group in enumerate(opt.param_groups):
+            for p in group["params"]:
+                pp = decided(p)
+                if pp is not None and pp.reason == NO_OPTIMIZER and lookup(p) is None:
+                    self.backend.take_over_late(p, ParamInfo(pp.name, p, [(opt, gi)], pp.role))
 
     def fold_stray_grads(self) -> None:
         """Move into the buffers any `.grad` that an uncompiled backward left on a planned param."""
@@ -356,6 +375,7 @@ class OptimizerBinding:
         target = st.proj.virtual if st.proj is not None else st.view
         cdt = compute_dtype(target.dtype)
         st.ostate = {}
+        st.scalar_keys = tuple(spec.key for spec in rule.specs if spec.scalar)
         for spec in rule.specs:
             if spec.scalar:
                 # Shape (1,), not 0-d: under torch.compile (2.13) an in-place update of a 0-d
@@ -408,14 +428,11 @@ class OptimizerBinding:
                 continue
             st = it.st
             pj = st.proj
-            stores = list(cast(dict, st.ostate).values())
+            ostate = cast(dict, st.ostate)
+            stores = list(ostate.values())
             layout = tuple(
-                ("q", s.signed)
-                if isinstance(s, quant.QState)
-                else ("s",)
-                if s.numel() == 1 and s.dtype == torch.float64
-                else ("t",)
-                for s in stores
+                ("q", s.signed) if isinstance(s, quant.QState) else ("s",) if k in st.scalar_keys else ("t",)
+                for k, s in ostate.items()
             )
             flat: list[torch.Tensor] = []
             for s in stores:
@@ -439,7 +456,7 @@ class OptimizerBinding:
         if fn is None:
             name = f"lowrank_update_{type(self.opt).__name__}_{self.id}_{len(self._compiled)}"
             fn = self._compiled[sig] = torch.compile(
-                _private_code(_update_one, name), backend=self.update_backend
+                _private_code(_update_one, name), backend=self.backend.update_backend
             )
         return fn
 

@@ -92,6 +92,9 @@ def export(st: Any) -> dict[str, Any] | None:
         "format": FORMAT,
         "projected": st.proj is not None,
         "states": {k: _enc_state(v) for k, v in st.ostate.items()},
+        # A dict, not a list of names: Optimizer.load_state_dict re-casts every iterable value
+        # element-wise, which turns a str into the repr of a generator; dict keys survive.
+        "scalars": dict.fromkeys(st.scalar_keys, True),
         "first": bool(st.binding is not None and st.binding.is_first(st)),
     }
     if st.proj is not None:
@@ -116,7 +119,7 @@ def export(st: Any) -> dict[str, Any] | None:
     for k, v in st.ostate.items():
         if isinstance(v, quant.QState):
             continue
-        if v.numel() == 1 and v.dtype == torch.float64:
+        if k in st.scalar_keys:
             entry[k] = v.detach().reshape(()).float().clone()
         elif torch_format:
             entry[k] = v.detach().clone()
@@ -162,6 +165,8 @@ def restore(st: Any, entry: Any) -> None:
                 f"reads format {FORMAT}"
             )
         states = {k: _dec_state(v, dev) for k, v in low["states"].items()}
+        for k in low["scalars"]:  # step counters: 0-d from here on, as in torch.optim's states
+            states[k] = states[k].reshape(())
         first = bool(low.get("first", False))
         if low["projected"]:
             side, rank, method = _SIDES[int(low["side"])], int(low["rank"]), _METHODS[int(low["method"])]
@@ -220,7 +225,7 @@ def _full_size(
     )
     return {
         k: _plain(v)
-        if _plain(v).numel() == 1
+        if _plain(v).dim() == 0
         else _back_project_state(k, _plain(v).float(), stored.float(), side)
         for k, v in states.items()
     }
@@ -230,6 +235,8 @@ def to_torch(name: str, entry: dict[str, Any], param: torch.Tensor) -> dict[str,
     """A lowrank entry in torch.optim's own format, for a parameter torch.optim now updates."""
     low = entry["lowrank"]
     states = {k: _dec_state(v, param.device) for k, v in low["states"].items()}
+    for k in low["scalars"]:
+        states[k] = states[k].reshape(())
     if low["projected"]:
         states = _full_size(name, low, states, tuple(param.shape), param.device)
     elif any(isinstance(v, quant.QState) for v in states.values()):
@@ -237,7 +244,7 @@ def to_torch(name: str, entry: dict[str, Any], param: torch.Tensor) -> dict[str,
     out: dict[str, Any] = {}
     for k, v in states.items():
         v = _plain(v)
-        out[k] = v.reshape(()).float() if v.numel() == 1 and v.dtype == torch.float64 else v.to(param.dtype)
+        out[k] = v.float() if v.dim() == 0 else v.to(param.dtype)
     return out
 
 
@@ -263,7 +270,7 @@ def _into_projection(st: Any, states: dict[str, Any]) -> dict[str, Any]:
     states = {k: _plain(v) for k, v in states.items()}
     first = next((v for k, v in states.items() if v.shape == st.view.shape and k not in SECOND_MOMENTS), None)
     if first is None:
-        return {k: v for k, v in states.items() if v.numel() == 1}
+        return {k: v for k, v in states.items() if v.dim() == 0}
     if pj.index is not None:
         pj.index.copy_(pm.dct_indices(first.float(), pj.basis.float(), pj.rank, pj.side))
         new = pj.basis.index_select(1, pj.index).float()
@@ -272,14 +279,14 @@ def _into_projection(st: Any, states: dict[str, Any]) -> dict[str, Any]:
         pj.p.copy_(new.to(pj.p.dtype))
     pj.has_p = True
     pj.pending_p = None
-    step = next((v for v in states.values() if v.numel() == 1), None)
+    step = next((v for v in states.values() if v.dim() == 0), None)
     pj.updates = int(step.item()) if step is not None else 0
     pj.next_refresh = pj.updates + pj.gap
     _note(
         f"lowrank: {st.plan.name}: full-size optimizer states were projected onto the top-{pj.rank} "
         "singular vectors of the first moment (second moments approximately)"
     )
-    return {k: v if v.numel() == 1 else _project_state(k, v.float(), new, pj.side) for k, v in states.items()}
+    return {k: v if v.dim() == 0 else _project_state(k, v.float(), new, pj.side) for k, v in states.items()}
 
 
 def store_pending(st: Any, specs: Any) -> bool:
@@ -299,7 +306,9 @@ def store_pending(st: Any, specs: Any) -> bool:
         return False
     for spec in specs:
         dst, src = st.ostate[spec.key], pending[spec.key]
-        if isinstance(dst, quant.QState):
+        if spec.scalar:
+            dst.copy_(_plain(src).reshape(1).to(dst.dtype))
+        elif isinstance(dst, quant.QState):
             if isinstance(src, quant.QState) and (src.signed, src.shape) == (dst.signed, dst.shape):
                 dst.codes.copy_(src.codes)
                 dst.absmax.copy_(src.absmax)
@@ -311,13 +320,13 @@ def store_pending(st: Any, specs: Any) -> bool:
             dst.absmax.copy_(absmax)
         else:
             value = _plain(src)
-            _check_shape(st, spec.key, value, tuple(dst.shape) if dst.numel() != 1 else tuple(value.shape))
-            dst.copy_(value.reshape(dst.shape).to(dst.dtype))
+            _check_shape(st, spec.key, value, tuple(dst.shape))
+            dst.copy_(value.to(dst.dtype))
     return not st.pending_first
 
 
 def _check_shape(st: Any, key: str, value: torch.Tensor, shape: tuple[int, ...]) -> None:
-    if value.numel() != 1 and tuple(value.shape) != tuple(shape):
+    if tuple(value.shape) != tuple(shape):
         raise ValueError(
             f"lowrank: checkpoint state {key!r} of {st.plan.name!r} has shape {tuple(value.shape)}, "
             f"expected {tuple(shape)}"

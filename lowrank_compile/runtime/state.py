@@ -120,6 +120,8 @@ class ParamState:
     # (runtime/checkpoint.py); `pending_first`: the rule's first step has still to run.
     pending_state: dict[str, Any] | None = None
     pending_first: bool = False
+    # Keys of `ostate` that are scalars (step counters), stored (1,) float64.
+    scalar_keys: tuple[str, ...] = ()
 
     @classmethod
     def create(cls, p: torch.Tensor, plan: ParamPlan, config: LowRankConfig) -> ParamState:

@@ -10,6 +10,11 @@ Installed while any optimizer is bound (`OptimizerBinding.install`), removed by
   unscale `.grad` and find inf/NaN. Taken-over parameters' buffers are unscaled the same way,
   and a non-finite value in them sets `found_inf`, so the step is skipped for every parameter
   and the scale lowered, as in eager mode.
+- a global optimizer step pre-hook: an optimizer that is not the one a taken-over parameter is
+  bound to, stepping that parameter. That happens when the user replaces the optimizer mid-run.
+  Once the old optimizer is gone, the new one takes the parameter over with fresh optimizer
+  states, as a new torch.optim optimizer starts from empty states. While the old one still
+  holds the parameter too, it raises `LowRankUsageError`.
 """
 
 from __future__ import annotations
@@ -70,6 +75,124 @@ def _unscale_grads_(
     return per_device
 
 
+def _holds(opt: torch.optim.Optimizer, p: torch.Tensor) -> bool:
+    return any(q is p for g in opt.param_groups for q in g["params"])
+
+
+def _optimizer_pre_hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    from lowrank_compile.runtime.state import lookup
+
+    strays = []
+    for gi, group in enumerate(opt.param_groups):
+        for p in group["params"]:
+            st = lookup(p)
+            if st is not None and (st.binding is None or st.binding._opt_ref() is not opt):
+                strays.append((gi, p, st))
+    if strays:
+        _adopt(opt, strays)
+
+
+def _adopt(opt: torch.optim.Optimizer, strays: list[tuple[int, torch.Tensor, Any]]) -> None:
+    """Move taken-over parameters from their (gone) optimizer's binding to `opt`'s."""
+    import gc
+
+    from lowrank_compile.backend import warn_once
+    from lowrank_compile.config import LowRankUsageError
+    from lowrank_compile.optimizers import rule_for
+    from lowrank_compile.runtime import checkpoint
+    from lowrank_compile.runtime.binding import OptimizerBinding
+    from lowrank_compile.runtime.binding import binding_of
+
+    def old_holder(st: Any, p: torch.Tensor) -> torch.optim.Optimizer | None:
+        old = st.binding._opt_ref() if st.binding is not None else None
+        return old if old is not None and old is not opt and _holds(old, p) else None
+
+    if any(old_holder(st, p) is not None for _, p, st in strays):
+        gc.collect()  # a replaced optimizer may only be kept alive by reference cycles
+    names = [st.plan.name for _, _, st in strays]
+    shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+    for _, p, st in strays:
+        old = old_holder(st, p)
+        if old is not None:
+            raise LowRankUsageError(
+                f"lowrank: {type(opt).__name__}.step() updates {st.plan.name!r}, which the compiled step "
+                f"trains through another live optimizer ({type(old).__name__}). A parameter can be "
+                "trained by one optimizer at a time: delete the old optimizer before stepping a new "
+                "one, or call lowrank_compile.reset() and compile again."
+            )
+    rule = rule_for(opt)
+    reason = None if rule is None else rule.unsupported(opt, opt.param_groups[strays[0][0]])
+    if rule is None or reason is not None:
+        raise LowRankUsageError(
+            f"lowrank: {type(opt).__name__}.step() updates parameters the compiled step took over "
+            f"for another optimizer ({shown}), and lowrank_compile cannot take them over for it "
+            f"({reason or 'unsupported optimizer'}); their gradients live in the backend's buffers. "
+            "Call lowrank_compile.reset() before switching to this optimizer, and compile again."
+        )
+    binding = binding_of(opt)
+    for gi, _, st in strays:
+        old_binding = st.binding
+        if binding is None:
+            binding = OptimizerBinding(opt, rule, st.config, old_binding.backend)
+            binding.install()
+        if old_binding is not None:
+            old_binding.states.remove(st)
+            old_binding.invalidate()
+        st.group = gi
+        # A new optimizer starts from empty states. The projection is kept when the step's
+        # gradient is already accumulated against it; otherwise it restarts too.
+        if st.fresh:
+            checkpoint.forget(st)
+        else:
+            st.ostate, st.pending_state, st.pending_first = None, None, True
+        binding.add(st)
+    warn_once(
+        f"lowrank: {type(opt).__name__} replaced the optimizer of {shown}; the backend now updates "
+        "them through it, from fresh optimizer states as torch.optim would"
+    )
+
+
+def follow_replaced_optimizers(params: list[torch.Tensor]) -> None:
+    """At compile time: hand taken-over `params` whose optimizer was replaced to the new one.
+
+    Called when Dynamo recompiles a step for parameters the backend already trains. Doing it
+    here, before Dynamo traces the new optimizer's `step`, keeps that step Dynamo-disabled, so
+    the parameters left to torch.optim keep eager numerics.
+    """
+    import gc
+
+    from lowrank_compile.discovery import find_owners
+    from lowrank_compile.runtime.state import lookup
+
+    def strays_by_optimizer() -> tuple[dict[int, list[tuple[int, torch.Tensor, Any]]], dict[int, Any], bool]:
+        owners = find_owners(params)
+        found: dict[int, list[tuple[int, torch.Tensor, Any]]] = {}
+        opts: dict[int, Any] = {}
+        ambiguous = False
+        for p in params:
+            st = lookup(p)
+            if st is None:
+                continue
+            mine = st.binding._opt_ref() if st.binding is not None else None
+            others = [(o, gi) for o, gi in owners.optimizer_of(p) if o is not mine]
+            if not others:
+                continue
+            if (mine is not None and _holds(mine, p)) or len(others) > 1:
+                ambiguous = True
+                continue
+            o, gi = others[0]
+            found.setdefault(id(o), []).append((gi, p, st))
+            opts[id(o)] = o
+        return found, opts, ambiguous
+
+    found, opts, ambiguous = strays_by_optimizer()
+    if ambiguous:
+        gc.collect()  # a replaced optimizer may only be kept alive by reference cycles
+        found, opts, _ = strays_by_optimizer()
+    for key, strays in found.items():
+        _adopt(opts[key], strays)
+
+
 def install() -> None:
     """Wrap the torch entry points (idempotent)."""
     from lowrank_compile import _compat
@@ -82,6 +205,10 @@ def install() -> None:
 
         _ORIGINALS["_unscale_grads_"] = GradScaler._unscale_grads_
         GradScaler._unscale_grads_ = _unscale_grads_  # type: ignore[method-assign]
+    if "pre_hook" not in _ORIGINALS:
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        _ORIGINALS["pre_hook"] = register_optimizer_step_pre_hook(_compat.dynamo_disable(_optimizer_pre_hook))
 
 
 def uninstall() -> None:
@@ -92,3 +219,5 @@ def uninstall() -> None:
         from torch.amp.grad_scaler import GradScaler
 
         GradScaler._unscale_grads_ = _ORIGINALS.pop("_unscale_grads_")  # type: ignore[method-assign]
+    if "pre_hook" in _ORIGINALS:
+        _ORIGINALS.pop("pre_hook").remove()
