@@ -46,7 +46,9 @@ def backend_bytes(opt: torch.optim.Optimizer) -> int:
     b = binding_of(opt)
     if b is None:
         return 0
-    held = b.state_bytes()
+    from lowrank_compile.runtime.state import scratch_bytes
+
+    held = b.state_bytes() + scratch_bytes()
     for st in b.states:
         held += sum(st.owned_bytes().values())
     return held

@@ -314,7 +314,8 @@ def _slot(i: int, st: ParamState, variant: str) -> Any:
     if pj.method == "randomized":
         k = sketch_sizes(pj.rank, pj.reduced, pj.kept)
         return GradSlot(i, "sketch", side=pj.side, dct=dct, rank=pj.rank, sketch_k=k)
-    return GradSlot(i, "full")
+    # svd/dct: the projector is made inside backward, so no full-size gradient outlives its layer.
+    return GradSlot(i, "refresh", side=pj.side, dct=dct, rank=pj.rank, name=st.plan.name)
 
 
 def _clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

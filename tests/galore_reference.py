@@ -55,7 +55,8 @@ class GaLoreReference:
         return p @ x if side == "left" else x @ p.t()
 
     @torch.no_grad()
-    def step(self):
+    def step(self, svd_from=None):
+        """`svd_from`: name -> gradient to take a refresh's SVD from (default: the step's gradient)."""
         grads = {}
         for n, p in self.params.items():
             grads[n] = p.grad
@@ -67,7 +68,7 @@ class GaLoreReference:
                 continue
             st, grp, side = self.state[n], self.group[n], self.side[n]
             if st["t"] % self.gap == 0:
-                st["P"] = svd_basis(g, self.rank, side)
+                st["P"] = svd_basis(g if svd_from is None else svd_from[n], self.rank, side)
             P = st["P"]
             r = self.proj(g, P, side)
             lr, wd = grp["lr"], grp["weight_decay"]

@@ -24,6 +24,10 @@ Modes per slot (G is the gradient, m x n; every accumulator follows `where(fresh
   gathered in the graph from the shared basis and the layer's column indices.
 - "sketch": "project" plus the randomized refresh sketch Y += A Omega, with A = G (left) or
   G^T (right).
+- "refresh": svd/dct refresh steps without a full buffer. `lowrank::refresh_projector` (an
+  opaque op, runtime/refresh_op.py) makes the new projector from G on the step's first backward
+  call and passes it through on later ones; it is copied to the `refresh_dst` buffer, and R is
+  accumulated with it as in "project".
 
 The full gradient dies inside the graph, right after the node that made it. The output slot
 becomes None, so autograd never sets `.grad` and torch.optim never allocates state for it.
@@ -48,7 +52,7 @@ from lowrank_compile.passes.base import GraphPass
 __all__ = ["EXTRA_INPUTS_KEY", "MODES", "ConsumeGradients", "GradSlot", "consume_full", "consume_project"]
 
 EXTRA_INPUTS_KEY = "lowrank_extra_inputs"
-MODES = ("full", "project", "sketch")
+MODES = ("full", "project", "sketch", "refresh")
 aten = torch.ops.aten
 
 
@@ -62,6 +66,7 @@ class GradSlot:
     dct: bool = False  # the projector arrives as (basis, index) instead of a matrix
     rank: int = 0  # r, for the fake shapes of project/sketch inputs
     sketch_k: int = 0  # sketch width k (sketch mode)
+    name: str = ""  # the parameter's name (refresh mode: names it in warnings)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -100,6 +105,30 @@ def consume_project(
     if sketch:
         omega, y = sketch
         _accumulate(fresh, y, ((g if left else g.t()) @ omega).to(y.dtype))
+
+
+def consume_refresh(
+    g: torch.Tensor,
+    code: torch.Tensor,
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    basis: torch.Tensor,
+    fresh: torch.Tensor,
+    rgrad: torch.Tensor,
+    sq: torch.Tensor,
+    amax: torch.Tensor,
+    *,
+    rank: int,
+    left: bool,
+    name: str,
+) -> None:
+    """P = refresh_projector(G, ...) into `dst`; then R += proj(G) with that P, as consume_project."""
+    from lowrank_compile.runtime.refresh_op import refresh_projector
+
+    new = refresh_projector(g, code, src, basis, rank, left, name)
+    dst.copy_(new)
+    proj = basis[:, new] if basis.numel() else new
+    consume_project(g, fresh, proj, rgrad, sq, amax, left=left)
 
 
 def _inline(
@@ -168,6 +197,25 @@ class ConsumeGradients(GraphPass):
             if slot.mode == "full":
                 buf = placeholder(slot, "grad", val.shape, dt, dev)
                 _inline(graph, grad, consume_full, [grad, fresh, buf], fake_mode)
+            elif slot.mode == "refresh":
+                r, left = slot.rank, slot.side == "left"
+                d = m if left else n
+                acc_dt = torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
+                stat_dt = torch.float64 if dt == torch.float64 else torch.float32
+                p_shape, p_dt = ((r,), torch.int64) if slot.dct else ((d, r), dt)
+                args = [
+                    grad,
+                    placeholder(slot, "refresh_code", (), torch.int64, dev),
+                    placeholder(slot, "refresh_src", p_shape, p_dt, dev),
+                    placeholder(slot, "refresh_dst", p_shape, p_dt, dev),
+                    placeholder(slot, "basis", (d, d) if slot.dct else (0,), dt, dev),
+                    fresh,
+                    placeholder(slot, "rgrad", (r, n) if left else (m, r), acc_dt, dev),
+                    placeholder(slot, "sq", (), stat_dt, dev),
+                    placeholder(slot, "amax", (), stat_dt, dev),
+                ]
+                refresh = functools.partial(consume_refresh, rank=r, left=left, name=slot.name)
+                _inline(graph, grad, refresh, args, fake_mode)
             else:
                 r, left = slot.rank, slot.side == "left"
                 d, e = (m, n) if left else (n, m)

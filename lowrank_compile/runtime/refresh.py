@@ -46,14 +46,9 @@ def _warn_once(msg: str) -> None:
 
 def _fallback_projector(g: torch.Tensor, pj: Projection) -> torch.Tensor:
     """A usable orthonormal projector when the SVD failed and no previous projector exists."""
-    a = g if pj.side == "left" else g.t()
-    if torch.isfinite(a).all():
-        gen = torch.Generator().manual_seed(pj.refreshes + 17)
-        omega = torch.randn(a.shape[1], pj.rank, generator=gen, dtype=torch.float64)
-        q, _ = torch.linalg.qr(a.double().cpu() @ omega)
-        if torch.isfinite(q).all() and q.abs().sum() > 0:
-            return q.float().to(g.device)
-    return pm.dct_basis(pj.reduced, torch.float32, g.device)[:, : pj.rank].clone()
+    from lowrank_compile.runtime.refresh_op import _fallback
+
+    return _fallback(g, pj.rank, pj.side == "left")
 
 
 def _new_projector_from_full(st: ParamState, g: torch.Tensor) -> torch.Tensor | None:
@@ -139,6 +134,9 @@ def prepare(st: ParamState) -> None:
     pj = st.proj
     assert pj is not None
     due = pj.refresh_due()
+    if pj.bwd_refreshed:
+        _install_from_backward(st)
+        return
     if pj.full is not None:
         g = pj.full
         if due:
@@ -155,6 +153,27 @@ def prepare(st: ParamState) -> None:
         return
     if due and pj.method == "randomized":
         _refresh_randomized(st)
+
+
+def _install_from_backward(st: ParamState) -> None:
+    """The backward already chose P_new (refresh mode) and accumulated R with it: install it."""
+    from lowrank_compile.runtime import refresh_op
+
+    pj = st.proj
+    assert pj is not None and pj.refresh_buf is not None
+    new, pj.refresh_buf, pj.bwd_refreshed = pj.refresh_buf, None, False
+    err = refresh_op.failed(st.plan.name)
+    if err is not None and (pj.has_p or pj.method == "dct"):
+        # The op passed the current projector through, so R is consistent with keeping it.
+        _warn_once(f"lowrank: refresh failed for {st.plan.name} ({err}); keeping the previous projector")
+        pj.next_refresh = pj.updates + pj.gap
+    else:
+        if err is not None:
+            _warn_once(f"lowrank: SVD failed for {st.plan.name} ({err}); using a QR range finder instead")
+        _install(st, new)
+    if pj.full is not None:  # gradients folded from .grad (a backward that was not rewritten)
+        pj.r_acc.add_(pm.project(pj.full.to(pj.r_acc.dtype), pj.projector().to(pj.r_acc.dtype), pj.side))
+        pj.full = None
 
 
 def _refresh_randomized(st: ParamState) -> None:

@@ -57,13 +57,19 @@ class Projection:
     r_acc: torch.Tensor  # low-rank gradient accumulator
     sq: torch.Tensor  # 0-d: sum of G^2 over the step's backward calls
     amax: torch.Tensor  # 0-d: max |G| over the step's backward calls
-    virtual: torch.Tensor  # the rule's parameter (R-shaped), zero before each update
+    # The rule's parameter (R-shaped), zero before each update. Updates run one parameter at a
+    # time, so every projection of one shape/dtype/device shares one buffer (`shared_scratch`).
+    virtual: torch.Tensor
     basis: torch.Tensor | None = None  # dct: the shared d x d basis
     index: torch.Tensor | None = None  # dct: the r chosen columns
     full: torch.Tensor | None = None  # full-size accumulator, svd/dct refresh steps only
     omega: torch.Tensor | None = None  # randomized: e x k test matrix of the sketch Y = A Omega
     sketch_y: torch.Tensor | None = None  # randomized: d x k
     pending_p: torch.Tensor | None = None  # randomized: projector that takes over after this update
+    # svd/dct refresh inside backward (consume-grads "refresh" mode): the new projector (or dct
+    # indices), made on the step's first backward call and installed by refresh.prepare.
+    refresh_buf: torch.Tensor | None = None
+    bwd_refreshed: bool = False
     has_p: bool = False  # a projector exists (False before the first refresh)
     updates: int = 0  # updates applied so far (GaLore's `step` for this parameter)
     next_refresh: int = 0
@@ -169,7 +175,8 @@ class ParamState:
         if role == "proj":
             return pj.p
         if role == "basis":
-            assert pj.basis is not None
+            if pj.basis is None:  # svd in refresh mode: the op takes an empty basis
+                return torch.zeros(0, device=self.view.device, dtype=self.view.dtype)
             return pj.basis
         if role == "index":
             assert pj.index is not None
@@ -180,11 +187,39 @@ class ParamState:
             return pj.sq
         if role == "amax":
             return pj.amax
+        if role.startswith("refresh_"):
+            return self._refresh_input(role)
         if role in ("omega", "sketch_y"):
             self._ensure_sketch()
             t = getattr(pj, role)
             assert t is not None
             return t
+        raise KeyError(role)
+
+    def _refresh_input(self, role: str) -> torch.Tensor:
+        """Inputs of consume-grads' "refresh" mode (see runtime/refresh_op.py).
+
+        Asked in the order code, src, dst, before the backward call clears `fresh`.
+        """
+        from lowrank_compile.runtime import refresh_op
+
+        pj = self.proj
+        assert pj is not None
+        current = pj.index if pj.index is not None else pj.p
+        due = pj.refresh_due()
+        if role == "refresh_code":
+            code = refresh_op.PASS
+            if due and self.fresh:
+                code = refresh_op.REFRESH if pj.has_p else refresh_op.REFRESH_FIRST
+                pj.bwd_refreshed = True
+                if pj.refresh_buf is None:
+                    pj.refresh_buf = torch.empty_like(current)
+            return _code(self.view.device, code)
+        chosen = due and pj.bwd_refreshed
+        if role == "refresh_src":
+            return pj.refresh_buf if chosen and not self.fresh and pj.refresh_buf is not None else current
+        if role == "refresh_dst":
+            return pj.refresh_buf if chosen and pj.refresh_buf is not None else current
         raise KeyError(role)
 
     def _ensure_sketch(self) -> None:
@@ -275,6 +310,7 @@ class ParamState:
         assert pj is not None
         pj.full = None
         pj.omega = pj.sketch_y = None
+        pj.refresh_buf, pj.bwd_refreshed = None, False
 
     def owned_bytes(self) -> dict[str, int]:
         """Bytes of the tensors this state owns, by category."""
@@ -286,11 +322,23 @@ class ParamState:
             return {"gradients": nbytes(self.grad), "projectors": 0}
         pj = self.proj
         projector = nbytes(pj.index) if pj.index is not None else nbytes(pj.p, pj.pending_p)
+        projector += nbytes(pj.refresh_buf)
         return {
             "gradients": nbytes(pj.r_acc, pj.sq, pj.amax, pj.full, pj.sketch_y),
             "projectors": projector + nbytes(pj.omega),
-            "virtual": nbytes(pj.virtual),
+            "virtual": 0,  # shared between parameters: see `scratch_bytes`
         }
+
+
+_CODES: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _code(device: torch.device, value: int) -> torch.Tensor:
+    """A cached 0-d int64 tensor holding `value` (refresh_op's code input)."""
+    t = _CODES.get((device, value))
+    if t is None:
+        t = _CODES[(device, value)] = torch.tensor(value, device=device)
+    return t
 
 
 def compute_dtype(dt: torch.dtype) -> torch.dtype:
@@ -339,7 +387,7 @@ def _make_projection(p: torch.Tensor, plan: ParamPlan, config: LowRankConfig) ->
         r_acc=torch.zeros(low, device=dev, dtype=compute_dtype(dt)),
         sq=torch.zeros((), device=dev, dtype=_stat_dtype(dt)),
         amax=torch.zeros((), device=dev, dtype=_stat_dtype(dt)),
-        virtual=torch.zeros(low, device=dev, dtype=compute_dtype(dt)),
+        virtual=shared_scratch(low, compute_dtype(dt), dev),
         basis=basis,
         index=index,
         gap=config.update_gap,
@@ -377,7 +425,25 @@ def registry_states() -> list[ParamState]:
     return list(_STATES.values())
 
 
+_SCRATCH: dict[tuple[tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def shared_scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One zeroed buffer per (shape, dtype, device), shared by every parameter that needs it."""
+    key = (tuple(int(d) for d in shape), dtype, torch.device(device))
+    t = _SCRATCH.get(key)
+    if t is None:
+        t = _SCRATCH[key] = torch.zeros(key[0], dtype=dtype, device=device)
+    return t
+
+
+def scratch_bytes() -> int:
+    """Bytes of the shared scratch buffers."""
+    return sum(t.numel() * t.element_size() for t in _SCRATCH.values())
+
+
 def registry_clear() -> None:
     """Forget every plan and state (used by `lowrank_compile.reset`)."""
+    _SCRATCH.clear()
     _STATES.clear()
     _DECIDED.clear()

@@ -1,0 +1,279 @@
+"""Peak memory, step time and optimizer-state bytes of every contender, side by side in one run.
+
+    python benchmarks/bench_memory.py [--layers 8 --hidden 512 --seq 128 --batch 2 --steps 10 --record]
+
+The demo's LLaMA-style model (default: 8 layers, hidden 512, 25.6M parameters), the same seed,
+batches and lr for every contender:
+
+- eager AdamW; torch.compile (Inductor) of the whole step with AdamW (foreach; fused is CUDA-only);
+- galore_torch's GaLoreAdamW, and its per-layer variant (one optimizer per parameter, stepped
+  from a post-accumulate-grad hook, so gradients are freed layer by layer);
+- torchao.optim.AdamW8bit; bitsandbytes AdamW8bit;
+- lowrank with 32-bit and with 8-bit (default) states.
+
+GaLore and lowrank project the same matrices (attention and MLP weights) at rank 1/4 of the short
+side with scale 0.25 and a refresh every 200 steps.
+
+Peak memory (CPU): the profiler's allocation events from before the model is built through step
+`--steps`, summed in time order, give the bytes live at every moment; a step's peak is the
+largest value inside it. This is everything the CPU allocator hands out: weights, gradients,
+optimizer states, projectors, activations and temporaries. Step time is measured afterwards,
+without the profiler: the median of `--steps` more steps. "first step s" includes compilation.
+Optimizer-state bytes count every tensor an optimizer holds (8-bit states at stored size,
+GaLore's projectors excluded and reported separately, as lowrank's are).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile
+from torch.profiler import record_function
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+from train_llama import batches  # noqa: E402
+from train_llama import build_model  # noqa: E402
+from train_llama import load_corpus  # noqa: E402
+
+import lowrank_compile  # noqa: E402
+
+CONTENDERS = [
+    "eager AdamW",
+    "inductor AdamW",
+    "galore_torch",
+    "galore_torch per-layer",
+    "torchao AdamW8bit",
+    "bnb AdamW8bit",
+    "lowrank 32-bit",
+    "lowrank 8-bit",
+]
+LR, GAP, SCALE = 1e-3, 200, 0.25
+
+
+def projected_names(model: torch.nn.Module) -> list[str]:
+    """The matrices GaLore's own scripts project: attention and MLP weights."""
+    return [n for n, p in model.named_parameters() if p.dim() == 2 and ("self_attn" in n or "mlp" in n)]
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """Plain tensors inside an optimizer-state value (tensor subclasses flattened)."""
+    if isinstance(obj, torch.Tensor):
+        if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):
+            names, _ = obj.__tensor_flatten__()
+            return [t for n in names for t in _tensors(getattr(obj, n))]
+        return [obj]
+    return []  # step counts, galore_torch's projector object (counted apart), ...
+
+
+def _galore_projector_bytes(opts: list[torch.optim.Optimizer]) -> int:
+    total = 0
+    for opt in opts:
+        for st in opt.state.values():
+            proj = st.get("projector")
+            m = getattr(proj, "ortho_matrix", None)
+            if isinstance(m, torch.Tensor):
+                total += m.numel() * m.element_size()
+    return total
+
+
+def state_bytes(opts: list[torch.optim.Optimizer]) -> tuple[int, int]:
+    """(optimizer-state bytes, projector bytes) over `opts`."""
+    total = 0
+    for opt in opts:
+        for st in opt.state.values():
+            for v in st.values():
+                total += sum(t.numel() * t.element_size() for t in _tensors(v))
+    proj = _galore_projector_bytes(opts)
+    for opt in opts:
+        b = lowrank_compile.optimizer_state_bytes(opt)
+        total += b["backend"]
+        proj += b["projectors"]
+    return total, proj
+
+
+def make_contender(name: str, model: torch.nn.Module) -> tuple[Callable[[torch.Tensor], Any], list[Any]]:
+    """The training step of contender `name` on `model`, and the optimizers it uses."""
+    proj = set(projected_names(model))
+    params = dict(model.named_parameters())
+    # One rank for the group: 1/4 of the hidden size, the short side of every projected matrix.
+    rank = model.config.hidden_size // 4
+    galore_groups = [
+        {"params": [p for n, p in params.items() if n not in proj]},
+        {
+            "params": [p for n, p in params.items() if n in proj],
+            "rank": rank,
+            "update_proj_gap": GAP,
+            "scale": SCALE,
+            "proj_type": "std",
+        },
+    ]
+    if name == "galore_torch per-layer":
+        from galore_torch import GaLoreAdamW
+
+        opts: dict[torch.Tensor, Any] = {}
+        for n, p in params.items():
+            group = {"params": [p]}
+            if n in proj:
+                group.update(rank=rank, update_proj_gap=GAP, scale=SCALE, proj_type="std")
+            opts[p] = GaLoreAdamW([group], lr=LR, weight_decay=0.0)
+
+        def hook(p: torch.Tensor) -> None:
+            opts[p].step()
+            opts[p].zero_grad()
+
+        for p in params.values():
+            p.register_post_accumulate_grad_hook(hook)
+
+        def layer_step(ids: torch.Tensor) -> torch.Tensor:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            return loss.detach()
+
+        return layer_step, list(opts.values())
+    if name == "galore_torch":
+        from galore_torch import GaLoreAdamW
+
+        opt: Any = GaLoreAdamW(galore_groups, lr=LR, weight_decay=0.0)
+    elif name == "torchao AdamW8bit":
+        from torchao.optim import AdamW8bit
+
+        opt = AdamW8bit(model.parameters(), lr=LR, weight_decay=0.0)
+    elif name == "bnb AdamW8bit":
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit(model.parameters(), lr=LR, weight_decay=0.0)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    if name == "inductor AdamW":
+        return torch.compile(step), [opt]
+    if name.startswith("lowrank"):
+        bits = 32 if "32" in name else 8
+        options = {"rank": 0.25, "scale": SCALE, "update_gap": GAP, "state_bits": bits}
+        return torch.compile(step, backend="lowrank", options=options), [opt]
+    return step, [opt]
+
+
+def step_peaks(prof: Any, steps: int) -> list[int]:
+    """Peak live bytes inside each `step_i` range, from the profiler's allocation events."""
+    events = prof.profiler.kineto_results.events()
+    mem = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    spans = {}
+    for e in events:
+        if e.name().startswith("bench_step_"):
+            spans[int(e.name().rsplit("_", 1)[1])] = (e.start_ns(), e.start_ns() + e.duration_ns())
+    peaks = [0] * steps
+    live = 0
+    for t, b in mem:
+        live += b
+        for i, (a, z) in spans.items():
+            if a <= t <= z and live > peaks[i]:
+                peaks[i] = live
+    return peaks
+
+
+def run(name: str, args: argparse.Namespace, data: torch.Tensor) -> dict[str, Any]:
+    torch._dynamo.reset()
+    lowrank_compile.reset()
+    gc.collect()
+    it = batches(data, args.batch, args.seq, 0)
+    ids = [next(it) for _ in range(2 * args.steps)]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.manual_seed(0)
+        model = build_model(args.layers, args.hidden, args.seq)
+        step, opts = make_contender(name, model)
+        t0 = time.perf_counter()
+        for i in range(args.steps):
+            with record_function(f"bench_step_{i}"):
+                loss = step(ids[i])
+            if i == 0:
+                first = time.perf_counter() - t0
+    peaks = step_peaks(prof, args.steps)
+    del prof
+    times = []
+    for i in range(args.steps, 2 * args.steps):
+        t0 = time.perf_counter()
+        loss = step(ids[i])
+        times.append(time.perf_counter() - t0)
+    states, projectors = state_bytes(opts)
+    nparams = sum(p.numel() for p in model.parameters())
+    return {
+        "name": name,
+        "ms": 1e3 * statistics.median(times),
+        "first": first,
+        "peak_first": peaks[0],
+        "peak_last": peaks[-1],
+        "state": states,
+        "proj": projectors,
+        "loss": float(loss),
+        "params": nparams,
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10, help="profiled steps, then as many timed steps")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these contenders")
+    ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    train, _ = load_corpus(4_000_000)
+    rows = []
+    for name in args.only or CONTENDERS:
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        rows.append(run(name, args, train))
+    eager = next((r for r in rows if r["name"] == "eager AdamW"), rows[0])
+    mb = 2**20
+    lines = [
+        f"model: LlamaForCausalLM {rows[0]['params'] / 1e6:.1f}M params, {args.layers} layers, hidden "
+        f"{args.hidden}, batch {args.batch}x{args.seq}; peaks over steps 1..{args.steps} (profiled), "
+        f"step time = median of {args.steps} unprofiled steps after them",
+        "",
+        "| contender | step ms | vs eager | first step s | peak MB step 1 | peak MB step "
+        f"{args.steps} | peak vs eager | step 1 / step {args.steps} | opt-state MB | projectors MB | loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['ms']:.0f} | {r['ms'] / eager['ms']:.2f}x | {r['first']:.1f} | "
+            f"{r['peak_first'] / mb:.1f} | {r['peak_last'] / mb:.1f} | "
+            f"{r['peak_last'] / eager['peak_last']:.0%} | {r['peak_first'] / r['peak_last']:.3f} | "
+            f"{r['state'] / mb:.2f} | {r['proj'] / mb:.2f} | {r['loss']:.3f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.record:
+        head = (
+            f"\n### bench_memory.py, {datetime.date.today()}, CPU {platform.machine()}, "
+            f"{os.cpu_count()} cores, torch {torch.__version__}\n\n"
+        )
+        with open(pathlib.Path(__file__).with_name("RESULTS.md"), "a") as f:
+            f.write(head + table + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""`lowrank::refresh_projector`: an svd/dct projector refresh that runs inside the backward graph.
+
+consume-grads' "refresh" mode calls it right after a gradient is made, so a refresh step keeps
+no full-size gradient: the new projector comes from the gradient of the first backward call
+after zero_grad (the whole step's gradient when there is no accumulation), and this and every
+later backward call of the step project with it. At `opt.step()`, `refresh.prepare` installs it
+(rotating the states when asked) exactly as a refresh from a full buffer would.
+
+The op is opaque to Inductor (an extern call): the SVD, its failure handling and DCT's column
+choice stay plain eager code. `code` (a 0-d int64 tensor) says what to do:
+
+- 0: pass `src` through (the parameter is not due, or the step's projector is already chosen);
+- 1: refresh from `g`; there is no previous projector, so a failed SVD falls back to a QR
+  range finder;
+- 2: refresh from `g`; a failed SVD keeps `src`, the previous projector.
+
+A failure is recorded under `name` for `prepare` to see (and warn about).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowrank_compile.runtime import projector as pm
+
+__all__ = ["PASS", "REFRESH", "REFRESH_FIRST", "failed", "refresh_projector", "refresh_projector_ref"]
+
+PASS, REFRESH_FIRST, REFRESH = 0, 1, 2
+
+_FAILED: dict[str, str] = {}
+
+
+def failed(name: str) -> str | None:
+    """The recorded failure of `name`'s last in-backward refresh (and forget it), or None."""
+    return _FAILED.pop(name, None)
+
+
+def _fallback(g: torch.Tensor, rank: int, left: bool) -> torch.Tensor:
+    a = g if left else g.t()
+    if torch.isfinite(a).all():
+        gen = torch.Generator().manual_seed(17)
+        omega = torch.randn(a.shape[1], rank, generator=gen, dtype=torch.float64)
+        q, _ = torch.linalg.qr(a.double().cpu() @ omega)
+        if torch.isfinite(q).all() and q.abs().sum() > 0:
+            return q.float().to(g.device)
+    return pm.dct_basis(a.shape[0], torch.float32, g.device)[:, :rank].clone()
+
+
+def refresh_projector_ref(
+    g: torch.Tensor, code: int, src: torch.Tensor, basis: torch.Tensor, rank: int, left: bool, name: str
+) -> torch.Tensor:
+    """The refresh in plain torch: the new projector (d x r, or dct's r indices) or `src`.
+
+    Always a new contiguous tensor (the fake kernel promises that layout).
+    """
+    return (
+        _refresh(g, code, src, basis, rank, left, name)
+        .to(src.dtype)
+        .clone(memory_format=torch.contiguous_format)
+    )
+
+
+def _refresh(
+    g: torch.Tensor, code: int, src: torch.Tensor, basis: torch.Tensor, rank: int, left: bool, name: str
+) -> torch.Tensor:
+    if code == PASS:
+        return src
+    side: pm.Side = "left" if left else "right"
+    if basis.numel():  # dct: the best-aligned columns of the shared basis
+        if not torch.isfinite(g).all():
+            _FAILED[name] = "non-finite gradient"
+            return src
+        return pm.dct_indices(g, basis, rank, side)
+    try:
+        return pm.svd_projector(g, rank, side)
+    except (torch.linalg.LinAlgError, RuntimeError) as err:
+        _FAILED[name] = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if code == REFRESH:
+            return src
+        return _fallback(g, rank, left)
+
+
+@torch.library.custom_op("lowrank::refresh_projector", mutates_args=())
+def refresh_projector(
+    g: torch.Tensor,
+    code: torch.Tensor,
+    src: torch.Tensor,
+    basis: torch.Tensor,
+    rank: int,
+    left: bool,
+    name: str,
+) -> torch.Tensor:
+    """The op the backward graph calls; see the module docstring."""
+    return refresh_projector_ref(g, int(code.item()), src, basis, rank, left, name)
+
+
+@refresh_projector.register_fake
+def _(g, code, src, basis, rank, left, name):  # noqa: ANN001, ANN202 (the op's signature)
+    return src.new_empty(src.shape)
