@@ -28,6 +28,7 @@ __all__ = [
     "LowRankOptionError",
     "LowRankUsageError",
     "current_plan",
+    "explain",
     "optimizer_state_bytes",
     "parse_options",
     "reset",
@@ -49,6 +50,13 @@ def current_plan() -> Plan:
     from lowrank_compile.runtime.state import registry_items
 
     return Plan([pp for _, pp in registry_items()])
+
+
+def explain(model: torch.nn.Module | None = None, run: Any = None) -> Any:
+    """The backend's memory plan by category; see `lowrank_compile.memory.explain`."""
+    from lowrank_compile.memory import explain as _explain
+
+    return _explain(model, run)
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> dict[str, Any]:
