@@ -26,11 +26,9 @@ GaLore's projectors excluded and reported separately, as lowrank's are).
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +41,7 @@ from torch.profiler import profile
 from torch.profiler import record_function
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+from _results import record  # noqa: E402
 from train_llama import batches  # noqa: E402
 from train_llama import build_model  # noqa: E402
 from train_llama import load_corpus  # noqa: E402
@@ -266,12 +265,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     table = "\n".join(lines)
     print(table)
     if args.record:
-        head = (
-            f"\n### bench_memory.py, {datetime.date.today()}, CPU {platform.machine()}, "
-            f"{os.cpu_count()} cores, torch {torch.__version__}\n\n"
-        )
-        with open(pathlib.Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(head + table + "\n")
+        record("bench_memory.py", table)
     return rows
 
 

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+from _results import record  # noqa: E402
 from train_llama import batches  # noqa: E402
 from train_llama import build_model  # noqa: E402
 from train_llama import load_corpus  # noqa: E402
@@ -97,10 +95,7 @@ def main(argv=None):
     table = "\n".join(lines)
     print(table)
     if args.record:
-        cpu = platform.processor() or platform.machine()
-        device = f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
-        with open(pathlib.Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(f"\n### bench_step.py, {datetime.date.today()}, {device}\n\n{table}\n")
+        record("bench_step.py", table)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,12 @@ Contenders: eager AdamW (foreach off / on); torch.compile (Inductor) of AdamW.st
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import pathlib
-import platform
 import statistics
 import time
 import warnings
 
 import torch
+from _results import record
 
 import lowrank_compile
 
@@ -105,10 +102,7 @@ def main(argv=None):
     table = "\n".join(lines)
     print(table)
     if args.record:
-        cpu = platform.processor() or platform.machine()
-        device = f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
-        with open(pathlib.Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(f"\n### bench_update.py, {datetime.date.today()}, {device}\n\n{table}\n")
+        record("bench_update.py", table)
 
 
 if __name__ == "__main__":

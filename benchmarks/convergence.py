@@ -15,11 +15,8 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import datetime
 import math
-import os
 import pathlib
-import platform
 import sys
 import time
 import warnings
@@ -27,6 +24,7 @@ import warnings
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+from _results import record  # noqa: E402
 from train_llama import batches  # noqa: E402
 from train_llama import build_model  # noqa: E402
 from train_llama import load_corpus  # noqa: E402
@@ -165,10 +163,7 @@ def main(argv=None):
     print(table)
     print(f"wrote {out / 'convergence.csv'} and {out / 'convergence.png'}")
     if args.record:
-        cpu = platform.processor() or platform.machine()
-        device = f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
-        with open(pathlib.Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(f"\n### convergence.py, {datetime.date.today()}, {device}\n\n{table}\n")
+        record("convergence.py", table)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,15 @@ Prints one table; `--record` appends it to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import pathlib
-import platform
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+from _results import record  # noqa: E402
 from train_llama import batches  # noqa: E402
 from train_llama import build_model  # noqa: E402
 from train_llama import load_corpus  # noqa: E402
@@ -121,10 +120,7 @@ def main(argv: list[str] | None = None) -> str:
     table = "\n".join(lines)
     print(table)
     if args.record:
-        cpu = platform.processor() or platform.machine()
-        device = f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
-        with open(pathlib.Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(f"\n### soak.py, {datetime.date.today()}, {device}\n\n{table}\n")
+        record("soak.py", table)
     lowrank_compile.reset()
     return table
 

@@ -70,6 +70,7 @@ class Projection:
     # indices), made on the step's first backward call and installed by refresh.prepare.
     refresh_buf: torch.Tensor | None = None
     bwd_refreshed: bool = False
+    refresh_code_now: int = 0  # the code fed to the backward call being prepared
     has_p: bool = False  # a projector exists (False before the first refresh)
     updates: int = 0  # updates applied so far (GaLore's `step` for this parameter)
     next_refresh: int = 0
@@ -199,7 +200,9 @@ class ParamState:
     def _refresh_input(self, role: str) -> torch.Tensor:
         """Inputs of consume-grads' "refresh" mode (see runtime/refresh_op.py).
 
-        Asked in the order code, src, dst, before the backward call clears `fresh`.
+        Asked in the order code, src, dst on every backward call. The first backward call that
+        finds the parameter due (since the last update or zero_grad) refreshes; later ones pass
+        the chosen projector through.
         """
         from lowrank_compile.runtime import refresh_op
 
@@ -209,17 +212,18 @@ class ParamState:
         due = pj.refresh_due()
         if role == "refresh_code":
             code = refresh_op.PASS
-            if due and self.fresh:
+            if due and not pj.bwd_refreshed:
                 code = refresh_op.REFRESH if pj.has_p else refresh_op.REFRESH_FIRST
                 pj.bwd_refreshed = True
                 if pj.refresh_buf is None:
                     pj.refresh_buf = torch.empty_like(current)
+            pj.refresh_code_now = code
             return _code(self.view.device, code)
-        chosen = due and pj.bwd_refreshed
+        buf = pj.refresh_buf if due and pj.bwd_refreshed else None
         if role == "refresh_src":
-            return pj.refresh_buf if chosen and not self.fresh and pj.refresh_buf is not None else current
+            return buf if buf is not None and pj.refresh_code_now == refresh_op.PASS else current
         if role == "refresh_dst":
-            return pj.refresh_buf if chosen and pj.refresh_buf is not None else current
+            return buf if buf is not None else current
         raise KeyError(role)
 
     def _ensure_sketch(self) -> None:
@@ -304,6 +308,8 @@ class ParamState:
         for t in (pj.r_acc, pj.sq, pj.amax, pj.full, pj.sketch_y):
             if t is not None:
                 t.zero_()
+        # A projector chosen from the discarded gradient is forgotten: the next backward chooses.
+        pj.refresh_buf, pj.bwd_refreshed = None, False
 
     def _drop_step_buffers(self) -> None:
         pj = self.proj
