@@ -3,6 +3,8 @@
 `prepare(st)` runs before the compiled update. It leaves this step's R in `st.proj.r_acc`:
 
 - steady step: R was accumulated by the backward; nothing to do.
+- svd/dct refresh step (default): the backward already chose P_new (runtime/refresh_op.py) and
+  accumulated R with it; P_new is installed (states rotated when asked).
 - full accumulator present (svd/dct refresh steps, `grad_accumulation="full"`): R = proj(full),
   after refreshing P from `full` when due. The full buffer is then dropped.
 - randomized refresh: P_new comes from the sketch Y. This update still uses the current
@@ -162,7 +164,7 @@ def _install_from_backward(st: ParamState) -> None:
     pj = st.proj
     assert pj is not None and pj.refresh_buf is not None
     new, pj.refresh_buf, pj.bwd_refreshed = pj.refresh_buf, None, False
-    err = refresh_op.failed(st.plan.name)
+    err = refresh_op.failed(st.plan.name, pj.index if pj.index is not None else pj.p)
     if err is not None and (pj.has_p or pj.method == "dct"):
         # The op passed the current projector through, so R is consistent with keeping it.
         _warn_once(f"lowrank: refresh failed for {st.plan.name} ({err}); keeping the previous projector")

@@ -14,7 +14,9 @@ choice stay plain eager code. `code` (a 0-d int64 tensor) says what to do:
   range finder;
 - 2: refresh from `g`; a failed SVD keeps `src`, the previous projector.
 
-A failure is recorded under `name` for `prepare` to see (and warn about).
+A failure is recorded under (`name`, the address of `src`), for `prepare` to see (and warn
+about): `src` is the parameter's own projector at a refresh, so two models with the same
+parameter names never see each other's failures.
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ __all__ = ["PASS", "REFRESH", "REFRESH_FIRST", "failed", "refresh_projector", "r
 
 PASS, REFRESH_FIRST, REFRESH = 0, 1, 2
 
-_FAILED: dict[str, str] = {}
+_FAILED: dict[tuple[str, int], str] = {}
 
 
-def failed(name: str) -> str | None:
-    """The recorded failure of `name`'s last in-backward refresh (and forget it), or None."""
-    return _FAILED.pop(name, None)
+def failed(name: str, projector: torch.Tensor) -> str | None:
+    """The failure of `name`'s last in-backward refresh, or None when it succeeded.
+
+    `projector` is the parameter's current projector (or dct indices). A failure is forgotten
+    once read.
+    """
+    return _FAILED.pop((name, projector.data_ptr()), None)
 
 
 def _fallback(g: torch.Tensor, rank: int, left: bool) -> torch.Tensor:
@@ -68,13 +74,13 @@ def _refresh(
     side: pm.Side = "left" if left else "right"
     if basis.numel():  # dct: the best-aligned columns of the shared basis
         if not torch.isfinite(g).all():
-            _FAILED[name] = "non-finite gradient"
+            _FAILED[(name, src.data_ptr())] = "non-finite gradient"
             return src
         return pm.dct_indices(g, basis, rank, side)
     try:
         return pm.svd_projector(g, rank, side)
     except (torch.linalg.LinAlgError, RuntimeError) as err:
-        _FAILED[name] = str(err).splitlines()[0] if str(err) else type(err).__name__
+        _FAILED[(name, src.data_ptr())] = str(err).splitlines()[0] if str(err) else type(err).__name__
         if code == REFRESH:
             return src
         return _fallback(g, rank, left)
