@@ -57,8 +57,9 @@ OPTION_DOCS: dict[str, tuple[str, str]] = {
     ),
     "grad_accumulation": (
         " | ".join(GRAD_ACCUMULATION),
-        "how projected gradients accumulate across backward calls; full keeps eager-size buffers "
-        "and allows clip_grad_norm_ under gradient accumulation",
+        "how projected gradients accumulate across backward calls; full keeps eager-size buffers, "
+        "allows clip_grad_norm_ under gradient accumulation, and takes svd/dct refreshes from the "
+        "accumulated gradient instead of the first micro-batch's",
     ),
     "state_bits": (
         "32 | 8",
