@@ -59,6 +59,26 @@ def test_codes_equal_brute_force_nearest(signed, n):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_code_table_equals_the_binary_search_at_every_threshold(signed):
+    """nearest_code_lut (the update's path) against nearest_code (the 8-step search) on the values
+    where they could disagree: every threshold, the floats just above and below it, +-0, +-1,
+    tiny, NaN, and 1M random values. Eager and Inductor-compiled; codes must be equal."""
+    t = quant.map_thresholds(signed)
+    up, down = torch.nextafter(t, torch.tensor(2.0)), torch.nextafter(t, torch.tensor(-2.0))
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 1e-45, float("nan")])
+    x = torch.cat(
+        [t, up, down, special, torch.rand(1 << 20, generator=torch.Generator().manual_seed(3)) * 2 - 1]
+    )
+    if not signed:
+        x = x[~(x < 0)]
+    ref = quant.nearest_code(x, t)
+    table, padded = quant.code_table(signed)
+    assert torch.equal(quant.nearest_code_lut(x, table, padded), ref)
+    compiled = torch.compile(quant.nearest_code_lut, backend="inductor")(x, table, padded)
+    assert torch.equal(compiled, ref)
+
+
 def test_block_view_path_matches_flat_path():
     x = torch.randn(8 * quant.BLOCK, generator=torch.Generator().manual_seed(1))
     c1, a1 = quant.quantize_blockwise(x, True)

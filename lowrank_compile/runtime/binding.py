@@ -386,6 +386,7 @@ class OptimizerBinding:
                 # Made now, outside the trace, so the compiled update reads them as constants.
                 quant.dynamic_map(signed, target.device)
                 quant.map_thresholds(signed, target.device)
+                quant.code_table(signed, target.device)
                 st.ostate[spec.key] = quant.QState.zeros(tuple(target.shape), signed, target.device)
             else:
                 st.ostate[spec.key] = torch.zeros(target.shape, dtype=cdt, device=target.device)
