@@ -164,6 +164,7 @@ def main(argv=None):
     print(f"wrote {out / 'convergence.csv'} and {out / 'convergence.png'}")
     if args.record:
         record("convergence.py", table)
+    return summary
 
 
 if __name__ == "__main__":
