@@ -174,8 +174,10 @@ def make_contender(name: str, model: torch.nn.Module) -> tuple[Callable[[torch.T
 
 def step_peaks(prof: Any, steps: int) -> list[int]:
     """Peak live bytes inside each `step_i` range, from the profiler's allocation events."""
+    from lowrank_compile._compat import allocation_events
+
     events = prof.profiler.kineto_results.events()
-    mem = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    mem = allocation_events(prof)
     spans = {}
     for e in events:
         if e.name().startswith("bench_step_"):

@@ -21,6 +21,7 @@ from torch._inductor.compile_fx import compile_fx
 from torch._inductor.compile_fx import compile_fx_inner
 
 __all__ = [
+    "allocation_events",
     "compile_fx",
     "compile_fx_inner",
     "counters",
@@ -102,3 +103,13 @@ def unwrapped_by_dynamo(err: BaseException) -> BaseException:
     BaseException.__init__(new, *err.args)
     new.first_useful_frame = None  # type: ignore[attr-defined]
     return new
+
+
+def allocation_events(prof: Any) -> list[tuple[int, int]]:
+    """(time in ns, bytes) of each allocation (+) and free (-) in a finished profile, in time order.
+
+    The profile must be recorded with `profile_memory=True`; the events come from its private
+    Kineto results.
+    """
+    events = prof.profiler.kineto_results.events()
+    return sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")

@@ -105,7 +105,7 @@ class BackwardWithState:
         compiled, extra = self.variants[name]
         for st, role in extra:
             if role == "fresh":
-                args.append(_flag(st.view.device, st.fresh))
+                args.append(state_mod.constant(st.view.device, st.fresh))
             else:
                 args.append(st.input_for(role))
         out = compiled(args)
@@ -118,17 +118,6 @@ class BackwardWithState:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.compiled, name)
-
-
-_FLAGS: dict[tuple[torch.device, bool], torch.Tensor] = {}
-
-
-def _flag(device: torch.device, value: bool) -> torch.Tensor:
-    key = (device, value)
-    t = _FLAGS.get(key)
-    if t is None:
-        t = _FLAGS[key] = torch.tensor(value, device=device)
-    return t
 
 
 class LowRankBackend:

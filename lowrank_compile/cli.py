@@ -104,8 +104,9 @@ def _run_script(
 
 def _timeline(prof: Any, marks: list[int]) -> dict[str, Any]:
     """Live bytes at each allocation event of the last step (times in ms from its start)."""
-    events = prof.profiler.kineto_results.events()
-    mem = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    from lowrank_compile._compat import allocation_events
+
+    mem = allocation_events(prof)
     start = marks[-2] if len(marks) >= 2 else (mem[0][0] if mem else 0)
     end = marks[-1] if marks else (mem[-1][0] if mem else 0)
     live, times, values, before = 0, [], [], 0

@@ -218,7 +218,7 @@ class ParamState:
                 if pj.refresh_buf is None:
                     pj.refresh_buf = torch.empty_like(current)
             pj.refresh_code_now = code
-            return _code(self.view.device, code)
+            return constant(self.view.device, code)
         buf = pj.refresh_buf if due and pj.bwd_refreshed else None
         if role == "refresh_src":
             return buf if buf is not None and pj.refresh_code_now == refresh_op.PASS else current
@@ -336,14 +336,15 @@ class ParamState:
         }
 
 
-_CODES: dict[tuple[torch.device, int], torch.Tensor] = {}
+_CONSTANTS: dict[tuple[torch.device, type, int], torch.Tensor] = {}
 
 
-def _code(device: torch.device, value: int) -> torch.Tensor:
-    """A cached 0-d int64 tensor holding `value` (refresh_op's code input)."""
-    t = _CODES.get((device, value))
+def constant(device: torch.device, value: bool | int) -> torch.Tensor:
+    """A cached 0-d tensor holding `value` (bool or int64): the backward graph's flag and code inputs."""
+    key = (device, type(value), int(value))  # the type keeps True and 1 apart
+    t = _CONSTANTS.get(key)
     if t is None:
-        t = _CODES[(device, value)] = torch.tensor(value, device=device)
+        t = _CONSTANTS[key] = torch.tensor(value, device=device)
     return t
 
 
