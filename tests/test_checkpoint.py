@@ -216,8 +216,9 @@ def test_state_bits_change_across_a_checkpoint(saved_bits, loaded_bits):
     new = lookup(model2[0].weight).ostate
     assert new["step"].item() == old["step"].item() == 3.0
     for key, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-        if (saved_bits, loaded_bits) == (32, 8):  # quantized on load, as the quantizer does it
-            codes, absmax = quant.quantize_blockwise(old[key], signed)
+        if (saved_bits, loaded_bits) == (32, 8):  # quantized on load, as the state encoder does it
+            assert new[key].sqrt == (not signed)  # second moments stored as sqrt(v)
+            codes, absmax = quant.encode_blockwise(old[key], signed, sqrt=not signed)
             assert torch.equal(new[key].codes, codes) and torch.equal(new[key].absmax, absmax)
         elif (saved_bits, loaded_bits) == (8, 32):  # dequantized on load, exactly
             assert torch.equal(new[key], old[key].dequantize())

@@ -84,8 +84,8 @@ def _load(store: list[torch.Tensor], kind: tuple[Any, ...], as_blocks: bool, num
     if kind[0] == "q":
         codes, absmax = store
         if as_blocks:
-            return quant.dequantize_blocks(codes, absmax, kind[1])
-        return quant.dequantize_blockwise(codes, absmax, kind[1], numel)
+            return quant.decode_blocks(codes, absmax, kind[1], kind[2])
+        return quant.decode_blockwise(codes, absmax, kind[1], numel, kind[2])
     (t,) = store
     # A step counter is stored (1,) and handed to the rule as a 0-d view made in the graph: 0-d
     # keeps eager's type promotion (a 1-D float64 would pull the update into float64).
@@ -94,12 +94,19 @@ def _load(store: list[torch.Tensor], kind: tuple[Any, ...], as_blocks: bool, num
     return t.view(-1, quant.BLOCK) if as_blocks else t.view(-1)
 
 
-def _save(store: list[torch.Tensor], kind: tuple[Any, ...], value: torch.Tensor, as_blocks: bool) -> None:
+def _save(
+    store: list[torch.Tensor],
+    kind: tuple[Any, ...],
+    value: torch.Tensor,
+    as_blocks: bool,
+    old: torch.Tensor | None = None,
+    settle: torch.Tensor | None = None,
+    salt: torch.Tensor | None = None,
+) -> None:
     if kind[0] == "q":
         codes, absmax = store
-        new_codes, new_absmax = (
-            quant.quantize_blocks(value, kind[1]) if as_blocks else quant.quantize_blockwise(value, kind[1])
-        )
+        encode = quant.encode_blocks if as_blocks else quant.encode_blockwise
+        new_codes, new_absmax = encode(value, kind[1], kind[2], old, settle, salt)
         codes.copy_(new_codes)
         absmax.copy_(new_absmax)
     else:
@@ -116,16 +123,18 @@ def _update_one(
     basis: torch.Tensor | None,
     index: torch.Tensor | None,
     virtual: torch.Tensor | None,
+    salt: torch.Tensor,
     *flat: torch.Tensor,
 ) -> None:
     """One parameter's update: its rule on the backend's tensors, states loaded and stored.
 
     `sig` = (rule, first, projected, side, decoupled, dct, scale, layout, as_blocks): constants
-    Dynamo guards on. `layout` says how each state is stored: ("q", signed) 8-bit codes + absmax,
+    Dynamo guards on. `layout` says how each state is stored: ("q", signed, sqrt) 8-bit codes + absmax,
     ("s",) a float64 step counter, ("t",) a plain tensor. Full-rank parameters update `w` from
     `grad`. Projected ones run the rule on `virtual` (zeroed) from R = `grad`, then apply
     W <- W * (1 - lr * wd) + back(scale * v). Without decoupled decay, wd * proj(W) is added to
-    R instead (L2).
+    R instead (L2). `salt` (int64, 1 element) is the parameter's update counter: it seeds the
+    stochastic rounding of the 8-bit settle rule (runtime/quant.py).
     """
     rule, first, projected, side, decoupled, dct, scale, layout, as_blocks = sig
     stores: list[list[torch.Tensor]] = []
@@ -155,10 +164,14 @@ def _update_one(
             _save(store, kind, value, as_blocks)
     else:
         values = [_load(store, kind, as_blocks, target.numel()) for store, kind in zip(stores, layout)]
+        # The states before the rule mutates them, for the settle rule of 8-bit storage: elements
+        # without a gradient decay toward zero instead of sticking at a code (runtime/quant.py).
+        olds = [v.clone() if kind[0] == "q" else None for v, kind in zip(values, layout)]
         rule.step(p, g, lr, *values)
-        for store, kind, value in zip(stores, layout, values):
+        settle = g == 0
+        for store, kind, value, old in zip(stores, layout, values, olds):
             if kind[0] == "q":
-                _save(store, kind, value, as_blocks)
+                _save(store, kind, value, as_blocks, old, settle, salt)
     if p.dtype != target.dtype:
         target.view(shape).copy_(p)
     if projected:
@@ -387,7 +400,10 @@ class OptimizerBinding:
                 quant.dynamic_map(signed, target.device)
                 quant.map_thresholds(signed, target.device)
                 quant.code_table(signed, target.device)
-                st.ostate[spec.key] = quant.QState.zeros(tuple(target.shape), signed, target.device)
+                # Second moments are stored as their square root (quant's module docstring).
+                st.ostate[spec.key] = quant.QState.zeros(
+                    tuple(target.shape), signed, target.device, sqrt=spec.second_moment
+                )
             else:
                 st.ostate[spec.key] = torch.zeros(target.shape, dtype=cdt, device=target.device)
 
@@ -432,7 +448,11 @@ class OptimizerBinding:
             ostate = cast(dict, st.ostate)
             stores = list(ostate.values())
             layout = tuple(
-                ("q", s.signed) if isinstance(s, quant.QState) else ("s",) if k in st.scalar_keys else ("t",)
+                ("q", s.signed, s.sqrt)
+                if isinstance(s, quant.QState)
+                else ("s",)
+                if k in st.scalar_keys
+                else ("t",)
                 for k, s in ostate.items()
             )
             flat: list[torch.Tensor] = []
@@ -442,14 +462,19 @@ class OptimizerBinding:
             as_blocks = any(isinstance(s, quant.QState) for s in stores) and target.numel() % quant.BLOCK == 0
             wd = torch.tensor(it.wd, dtype=torch.float64) if pj is not None else it.lr  # a (1,) tensor
             sig: tuple[Any, ...]
+            salt = st.salt_tensor()
             if pj is None:
                 sig = (it.rule, it.first, False, None, False, False, scale, layout, as_blocks)
-                self._fn(sig)(sig, st.view, cast(torch.Tensor, st.grad), it.lr, wd, None, None, None, *flat)
+                grad = cast(torch.Tensor, st.grad)
+                self._fn(sig)(sig, st.view, grad, it.lr, wd, None, None, None, salt, *flat)
             else:
                 dct = pj.basis is not None
                 sig = (it.rule, it.first, True, pj.side, self._decoupled, dct, scale, layout, as_blocks)
                 basis = pj.basis if dct else pj.p
-                self._fn(sig)(sig, st.view, pj.r_acc, it.lr, wd.view(1), basis, pj.index, pj.virtual, *flat)
+                self._fn(sig)(
+                    sig, st.view, pj.r_acc, it.lr, wd.view(1), basis, pj.index, pj.virtual, salt, *flat
+                )
+            st.rounds += 1
 
     def _fn(self, sig: tuple[Any, ...]) -> Callable[..., Any]:
         assert self._compiled is not None

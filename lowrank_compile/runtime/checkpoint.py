@@ -66,6 +66,7 @@ def _enc_state(v: Any) -> dict[str, Any]:
             "codes": _enc(v.codes),
             "absmax": _enc(v.absmax),
             "signed": v.signed,
+            "sqrt": v.sqrt,
             "shape": list(v.shape),
         }
     return {"q": False, "t": _enc(v)}
@@ -75,7 +76,11 @@ def _dec_state(d: dict[str, Any], device: torch.device) -> Any:
     """A stored state: a tensor, or a QState for an 8-bit one (kept as codes, so bit-exact)."""
     if d["q"]:
         shape = tuple(int(x) for x in d["shape"])
-        return quant.QState(_dec(d["codes"], device), _dec(d["absmax"], device), bool(d["signed"]), shape)
+        # Entries written before second moments were stored as square roots have no "sqrt".
+        sqrt = bool(d.get("sqrt", False))
+        return quant.QState(
+            _dec(d["codes"], device), _dec(d["absmax"], device), bool(d["signed"]), shape, sqrt
+        )
     return _dec(d["t"], device)
 
 
@@ -96,6 +101,7 @@ def export(st: Any) -> dict[str, Any] | None:
         # element-wise, which turns a str into the repr of a generator; dict keys survive.
         "scalars": dict.fromkeys(st.scalar_keys, True),
         "first": bool(st.binding is not None and st.binding.is_first(st)),
+        "rounds": int(st.rounds),
     }
     if st.proj is not None:
         pj = st.proj
@@ -168,6 +174,7 @@ def restore(st: Any, entry: Any) -> None:
         for k in low["scalars"]:  # step counters: 0-d from here on, as in torch.optim's states
             states[k] = states[k].reshape(())
         first = bool(low.get("first", False))
+        st.rounds = int(low.get("rounds", 0))
         if low["projected"]:
             side, rank, method = _SIDES[int(low["side"])], int(low["rank"]), _METHODS[int(low["method"])]
             stored = _dec(low["projector"], dev)
@@ -309,15 +316,14 @@ def store_pending(st: Any, specs: Any) -> bool:
         if spec.scalar:
             dst.copy_(_plain(src).reshape(1).to(dst.dtype))
         elif isinstance(dst, quant.QState):
-            if isinstance(src, quant.QState) and (src.signed, src.shape) == (dst.signed, dst.shape):
+            same = (src.signed, src.sqrt, src.shape) if isinstance(src, quant.QState) else None
+            if same == (dst.signed, dst.sqrt, dst.shape):
                 dst.codes.copy_(src.codes)
                 dst.absmax.copy_(src.absmax)
                 continue
             value = _plain(src)
             _check_shape(st, spec.key, value, dst.shape)
-            codes, absmax = quant.quantize_blockwise(value.float(), dst.signed)
-            dst.codes.copy_(codes)
-            dst.absmax.copy_(absmax)
+            dst.assign(value)
         else:
             value = _plain(src)
             _check_shape(st, spec.key, value, tuple(dst.shape))

@@ -103,11 +103,7 @@ def _rotate_states(st: ParamState, old: torch.Tensor, new: torch.Tensor) -> None
         m = c * c if key in SECOND_MOMENTS else c
         rotated = m @ t if pj.side == "left" else t @ m.t()
         if isinstance(stored, QState):
-            from lowrank_compile.runtime.quant import quantize_blockwise
-
-            codes, absmax = quantize_blockwise(rotated, stored.signed)
-            stored.codes.copy_(codes)
-            stored.absmax.copy_(absmax)
+            stored.assign(rotated)
         else:
             stored.copy_(rotated)
 

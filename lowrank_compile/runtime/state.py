@@ -129,6 +129,17 @@ class ParamState:
     pending_first: bool = False
     # Keys of `ostate` that are scalars (step counters), stored (1,) float64.
     scalar_keys: tuple[str, ...] = ()
+    # Updates applied so far: the salt of the 8-bit settle rule's rounding (runtime/quant.py).
+    # Saved in checkpoints, so a resumed run rounds as the uninterrupted one.
+    rounds: int = 0
+    _salt: torch.Tensor | None = None
+
+    def salt_tensor(self) -> torch.Tensor:
+        """`rounds` as a (1,) int64 tensor on the parameter's device (a graph input, no recompiles)."""
+        if self._salt is None:
+            self._salt = torch.zeros(1, dtype=torch.int64, device=self.view.device)
+        self._salt.fill_(self.rounds)
+        return self._salt
 
     @classmethod
     def create(cls, p: torch.Tensor, plan: ParamPlan, config: LowRankConfig) -> ParamState:

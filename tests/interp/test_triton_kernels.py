@@ -34,25 +34,35 @@ def test_adamw8bit_kernel_matches_reference(shape, dtype, atol, rtol):
     g = torch.Generator().manual_seed(sum(shape))
     p0 = (torch.randn(shape, generator=g) * 0.1).to(dtype)
     pk, pr = p0.clone(), p0.clone()
-    states = [quant.QState.zeros(shape, s, "cpu") for s in (True, False, True, False)]
+    states = [quant.QState.zeros(shape, s, "cpu", sqrt=not s) for s in (True, False, True, False)]
     mk, vk, mr, vr = states
+    # Sparse gradients over six decades: elements without gradient exercise the settle rule,
+    # tiny second moments the floor (quant's module docstring).
+    scale = 10.0 ** (-6 * torch.rand(shape, generator=g))
     for step in range(1, 5):
-        grad = (torch.randn(shape, generator=g) * 0.01).to(dtype)
+        grad = torch.randn(shape, generator=g) * 0.01 * scale
+        grad = (grad * (torch.rand(shape, generator=g) < 0.6)).to(dtype)
         assert adamw8bit_applicable(pk, grad, mk, vk)
-        adamw8bit_update(pk, grad, mk, vk, step=step, **HP)
-        adamw8bit_reference(pr, grad, mr, vr, step=step, **HP)
+        adamw8bit_update(pk, grad, mk, vk, step=step, salt=step, **HP)
+        adamw8bit_reference(pr, grad, mr, vr, step=step, salt=step, **HP)
         torch.testing.assert_close(pk, pr, atol=atol, rtol=rtol)
-        # The moments do not depend on the parameter's dtype: codes and absmax match exactly.
-        assert torch.equal(mk.codes, mr.codes) and torch.equal(vk.codes, vr.codes)
-        assert torch.equal(mk.absmax, mr.absmax) and torch.equal(vk.absmax, vr.absmax)
+        # m's codes and absmax match exactly. v is stored as a square root, and the kernel's fp32
+        # v differs from torch's by up to 2 ulps (measured 1.8e-7 relative): rtol 4e-7 is 3 ulps,
+        # and a value within those ulps of a rounding threshold takes the neighbouring code
+        # (measured: at most 2 values of a few thousand in a step, bf16 gradients only).
+        assert torch.equal(mk.codes, mr.codes) and torch.equal(mk.absmax, mr.absmax)
+        vdiff = (vk.codes.int() - vr.codes.int()).abs()
+        assert vdiff.max() <= 1 and int((vdiff > 0).sum()) <= max(2, vdiff.numel() // 500)
+        torch.testing.assert_close(vk.absmax, vr.absmax, rtol=4e-7, atol=0)
     assert pk.dtype == dtype and not torch.equal(pk, p0)
 
 
 def test_checker_refuses_what_the_kernel_cannot_do():
     p = torch.randn(10, 10)
     g = torch.randn(10, 10)
-    m, v = quant.QState.zeros((10, 10), True, "cpu"), quant.QState.zeros((10, 10), False, "cpu")
+    m, v = quant.QState.zeros((10, 10), True, "cpu"), quant.QState.zeros((10, 10), False, "cpu", sqrt=True)
     assert adamw8bit_applicable(p, g, m, v)
+    assert not adamw8bit_applicable(p, g, m, quant.QState.zeros((10, 10), False, "cpu"))  # v not as sqrt
     assert not adamw8bit_applicable(p.t(), g, m, v)  # not contiguous
     assert not adamw8bit_applicable(p.double(), g.double(), m, v)  # dtype
     assert not adamw8bit_applicable(p, g, v, m)  # signed/unsigned swapped
