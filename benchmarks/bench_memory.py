@@ -9,7 +9,8 @@ batches and lr for every contender:
 - galore_torch's GaLoreAdamW, and its per-layer variant (one optimizer per parameter, stepped
   from a post-accumulate-grad hook, so gradients are freed layer by layer);
 - torchao.optim.AdamW8bit; bitsandbytes AdamW8bit;
-- lowrank with 32-bit and with 8-bit (default) states.
+- lowrank with 32-bit and with 8-bit (default) states;
+- eager AdamW and lowrank 8-bit with activation checkpointing (transformers' default).
 
 GaLore and lowrank project the same matrices (attention and MLP weights) at rank 1/4 of the short
 side with scale 0.25 and a refresh every 200 steps.
@@ -57,7 +58,10 @@ CONTENDERS = [
     "bnb AdamW8bit",
     "lowrank 32-bit",
     "lowrank 8-bit",
+    "eager AdamW + activation checkpointing",
+    "lowrank 8-bit + activation checkpointing",
 ]
+CKPT = " + activation checkpointing"
 LR, GAP, SCALE = 1e-3, 200, 0.25
 
 
@@ -103,7 +107,15 @@ def state_bytes(opts: list[torch.optim.Optimizer]) -> tuple[int, int]:
 
 
 def make_contender(name: str, model: torch.nn.Module) -> tuple[Callable[[torch.Tensor], Any], list[Any]]:
-    """The training step of contender `name` on `model`, and the optimizers it uses."""
+    """The training step of contender `name` on `model`, and the optimizers it uses.
+
+    "... + activation checkpointing": transformers' `gradient_checkpointing_enable()` (its default,
+    reentrant) on the model, then the contender as without it.
+    """
+    if name.endswith(CKPT):
+        model.train()
+        model.gradient_checkpointing_enable()
+        name = name[: -len(CKPT)]
     proj = set(projected_names(model))
     params = dict(model.named_parameters())
     # One rank for the group: 1/4 of the hidden size, the short side of every projected matrix.

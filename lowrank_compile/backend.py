@@ -187,15 +187,16 @@ class LowRankBackend:
         self, gm: torch.fx.GraphModule, params: list[tuple[int, torch.Tensor]]
     ) -> dict[int, ParamState]:
         """Plan the graph's parameters; return forward input index -> state of those taken over."""
+        from lowrank_compile import roles as role_analysis
         from lowrank_compile.discovery import find_owners
-        from lowrank_compile.roles import param_roles
 
         # New parameters, and ones left to torch.optim only because they were frozen or held by
         # no optimizer when first planned (unfrozen since, or added with add_param_group).
         new = [(i, p) for i, p in params if (d := state_mod.decided(p)) is None or revisable(d, p)]
         if new:
             owners = find_owners(p for _, p in new)
-            roles = param_roles(gm, [i for i, _ in new])
+            roles = role_analysis.param_roles(gm, [i for i, _ in new])
+            roles = self._settle_output_roles(gm, new, roles, owners)
             infos = [
                 ParamInfo(owners.name_of(p, f"input{i}"), p, owners.optimizer_of(p), roles.get(i, "other"))
                 for i, p in new
@@ -227,6 +228,44 @@ class LowRankBackend:
                 )
             slots[i] = st
         return slots
+
+    def _settle_output_roles(
+        self,
+        gm: torch.fx.GraphModule,
+        new: list[tuple[int, torch.Tensor]],
+        roles: dict[int, str],
+        owners: Any,
+    ) -> dict[int, str]:
+        """Decide the "output" roles a graph break may have faked (see roles.py).
+
+        A matmul whose result leaves the graph without another parameter matmul downstream looks
+        like the output layer. When a graph break follows a hidden layer (transformers graph-breaks
+        between the decoder and the LM head under gradient checkpointing), it is not. A model that
+        names its output layer (`get_output_embeddings()`) settles it; otherwise, when this graph
+        computes no scalar (no loss here, so its outputs go on to another graph), the role stays
+        "output" (full-rank) and one warning names the parameters.
+        """
+        from lowrank_compile import roles as role_analysis
+
+        out = dict(roles)
+        unsure: list[str] = []
+        for i, p in new:
+            if out.get(i) != "output":
+                continue
+            if owners.declared_hidden(p):
+                out[i] = "matmul"
+            elif id(p) not in owners.declared_outputs and not role_analysis.computes_scalar(gm):
+                unsure.append(owners.name_of(p, f"input{i}"))
+        if unsure:
+            warn_once(
+                "lowrank: cannot tell whether "
+                + ", ".join(unsure[:4])
+                + (f" ({len(unsure)} in all)" if len(unsure) > 4 else "")
+                + " is the output layer or a hidden layer followed by a graph break: it stays "
+                "full-rank. Models that name their output layer (get_output_embeddings()) are "
+                "classified exactly."
+            )
+        return out
 
     def take_over_late(self, p: torch.Tensor, info: ParamInfo) -> ParamState | None:
         """Plan a parameter the graphs left to torch.optim again, and take it over if the plan says so.

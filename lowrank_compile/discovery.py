@@ -25,6 +25,14 @@ class Owners:
 
     optimizers: dict[int, list[tuple[torch.optim.Optimizer, int]]] = field(default_factory=dict)
     names: dict[int, str] = field(default_factory=dict)
+    # Parameters held by a module that declares its output layer (transformers'
+    # `get_output_embeddings()`), and the parameters of those declared output layers.
+    in_declaring_model: set[int] = field(default_factory=set)
+    declared_outputs: set[int] = field(default_factory=set)
+
+    def declared_hidden(self, p: torch.Tensor) -> bool:
+        """True when `p`'s model names its output layer and `p` is not in it."""
+        return id(p) in self.in_declaring_model and id(p) not in self.declared_outputs
 
     def optimizer_of(self, p: torch.Tensor) -> list[tuple[torch.optim.Optimizer, int]]:
         """Every (optimizer, param-group index) that lists `p`."""
@@ -74,6 +82,8 @@ def find_owners(params: Iterable[torch.Tensor]) -> Owners:
         if held:
             holds.append((-held, sum(1 for _ in m.modules()), m))
     holds.sort(key=lambda t: (t[0], t[1]))
+    for _, _, m in holds:
+        _declared_output(m, wanted, owners)
     for _, _, root in holds:
         for name, p in root.named_parameters(remove_duplicate=True):
             if wanted.get(id(p)) is p and id(p) not in owners.names:
@@ -81,3 +91,18 @@ def find_owners(params: Iterable[torch.Tensor]) -> Owners:
         if len(owners.names) == len(wanted):
             break
     return owners
+
+
+def _declared_output(m: nn.Module, wanted: dict[int, torch.Tensor], owners: Owners) -> None:
+    """Record the output layer `m` declares (transformers' `get_output_embeddings()`), if any."""
+    getter = getattr(m, "get_output_embeddings", None)
+    if not callable(getter):
+        return
+    try:
+        out = getter()
+    except Exception:  # a model without an output layer may raise; it then declares none
+        return
+    if not isinstance(out, nn.Module):
+        return
+    owners.declared_outputs.update(id(p) for p in out.parameters())
+    owners.in_declaring_model.update(id(p) for p in m.parameters() if wanted.get(id(p)) is p)

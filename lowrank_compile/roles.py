@@ -11,6 +11,13 @@ module names, so plain `nn.Sequential` models and functional code are classified
 - "conv": used as a convolution kernel.
 - "other": anything else (norm scales, biases, unrecognised uses).
 
+Higher-order ops with a subgraph body are looked into: activation checkpointing reaches the
+backend as `tag_activation_checkpoint(body, *operands)` (non-reentrant, and reentrant too, which
+Dynamo turns into the same op), and `wrap`-style ops carry bodies the same way. `_flatten` inlines
+every body into one analysis graph, its placeholders bound to the op's operands and the op's
+results (and their `getitem`s) to the body's outputs, so a checkpointed block's matmuls are
+classified as if the block were written inline.
+
 A graph break inside a model can make a hidden layer look like an output layer. That only
 makes the plan more conservative: the layer stays full-rank.
 """
@@ -19,12 +26,13 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 
-__all__ = ["param_roles"]
+__all__ = ["computes_scalar", "param_roles", "subgraph_call"]
 
 _MATMUL = {
     torch._C._nn.linear,
@@ -67,20 +75,71 @@ def _is_matmul(n: torch.fx.Node) -> bool:
     )
 
 
+def subgraph_call(
+    gm: torch.fx.GraphModule, n: torch.fx.Node
+) -> tuple[torch.fx.GraphModule, list[Any]] | None:
+    """(body, operands) when `n` calls a higher-order op on a subgraph of `gm`, else None.
+
+    The body is the first argument that names a GraphModule attribute; the operands are the
+    arguments after it, in the order of the body's placeholders.
+    """
+    if n.op != "call_function" or not isinstance(n.target, torch._ops.HigherOrderOperator):
+        return None
+    for k, a in enumerate(n.args):
+        if isinstance(a, torch.fx.Node) and a.op == "get_attr":
+            body = getattr(gm, str(a.target), None)
+            if isinstance(body, torch.fx.GraphModule):
+                return body, list(n.args[k + 1 :])
+    return None
+
+
+def _flatten(gm: torch.fx.GraphModule) -> torch.fx.Graph:
+    """A copy of gm's graph with every higher-order op's body inlined (for analysis, not execution)."""
+    out = torch.fx.Graph()
+
+    def copy(module: torch.fx.GraphModule, env: dict[torch.fx.Node, Any], top: bool) -> Any:
+        for n in module.graph.nodes:
+            if n.op == "placeholder" and not top:
+                continue  # bound by the caller
+            if n.op == "output":
+                return torch.fx.map_arg(n.args[0], lambda a: env[a])
+            call = subgraph_call(module, n)
+            if call is not None:
+                body, operands = call
+                phs = [b for b in body.graph.nodes if b.op == "placeholder"]
+                inner = {b: (env[a] if isinstance(a, torch.fx.Node) else a) for b, a in zip(phs, operands)}
+                env[n] = copy(body, inner, top=False)
+                continue
+            if (
+                n.op == "call_function"
+                and n.target is operator.getitem
+                and isinstance(n.args[0], torch.fx.Node)
+                and isinstance(env.get(n.args[0]), (tuple, list))
+            ):
+                env[n] = env[n.args[0]][n.args[1]]  # a result of an inlined body
+                continue
+            env[n] = out.node_copy(n, lambda a: env[a])
+        return None
+
+    copy(gm, {}, top=True)
+    return out
+
+
 def param_roles(gm: torch.fx.GraphModule, param_indices: Sequence[int]) -> dict[int, str]:
     """Role of each parameter placeholder (by graph input index) in a Dynamo graph."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    graph = _flatten(gm) if any(subgraph_call(gm, n) for n in gm.graph.nodes) else gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     wanted = {placeholders[i]: i for i in param_indices if i < len(placeholders)}
     # Which parameter (if any) each node is a view of.
     view_of: dict[torch.fx.Node, int] = {}
-    for n in gm.graph.nodes:
+    for n in graph.nodes:
         if n in wanted:
             view_of[n] = wanted[n]
         elif _is_view(n) and isinstance(n.args[0], torch.fx.Node) and n.args[0] in view_of:
             view_of[n] = view_of[n.args[0]]
     uses: dict[int, set[str]] = {i: set() for i in wanted.values()}
     param_matmuls: dict[torch.fx.Node, int] = {}
-    for n in gm.graph.nodes:
+    for n in graph.nodes:
         if n.op not in ("call_function", "call_method"):
             continue
         args = [a for a in n.args if isinstance(a, torch.fx.Node)]
@@ -108,7 +167,7 @@ def param_roles(gm: torch.fx.GraphModule, param_indices: Sequence[int]) -> dict[
             uses[i].add(kind)
     # Matmuls with another parameter-weighted matmul downstream are hidden layers.
     feeds_param_matmul: dict[torch.fx.Node, bool] = {}
-    for n in reversed(list(gm.graph.nodes)):
+    for n in reversed(list(graph.nodes)):
         feeds_param_matmul[n] = any(u in param_matmuls or feeds_param_matmul.get(u, False) for u in n.users)
     hidden = {i for n, i in param_matmuls.items() if feeds_param_matmul[n]}
     roles: dict[int, str] = {}
@@ -122,3 +181,22 @@ def param_roles(gm: torch.fx.GraphModule, param_indices: Sequence[int]) -> dict[
         else:
             roles[i] = "other"
     return roles
+
+
+def computes_scalar(gm: torch.fx.GraphModule) -> bool:
+    """True when one of the graph's outputs is a 0-d tensor (a loss), from Dynamo's example values."""
+    for n in gm.graph.nodes:
+        if n.op != "output":
+            continue
+        found = False
+
+        def visit(a: torch.fx.Node) -> torch.fx.Node:
+            nonlocal found
+            v = a.meta.get("example_value", a.meta.get("val"))
+            if isinstance(v, torch.Tensor) and v.dim() == 0:
+                found = True
+            return a
+
+        torch.fx.map_arg(n.args, visit)
+        return found
+    return False
