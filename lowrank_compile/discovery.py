@@ -16,7 +16,13 @@ from dataclasses import field
 import torch
 from torch import nn
 
-__all__ = ["Owners", "find_owners"]
+__all__ = ["Owners", "find_owners", "wrapped_optimizers"]
+
+# Attributes through which optimizer wrappers reach the optimizer they forward to: accelerate's
+# AcceleratedOptimizer (`optimizer`), Lightning's LightningOptimizer (`_optimizer`), torchtitan's
+# OptimizersContainer and similar containers (`optimizers`, one per model part).
+_INNER_ATTRS = ("optimizer", "_optimizer")
+_CHILDREN_ATTR = "optimizers"
 
 
 @dataclass
@@ -76,6 +82,8 @@ def find_owners(params: Iterable[torch.Tensor]) -> Owners:
         else:
             assert isinstance(obj, nn.Module)
             modules.append(obj)
+    for pid, found in owners.optimizers.items():
+        owners.optimizers[pid] = _innermost(found)
     holds: list[tuple[int, int, nn.Module]] = []
     for m in modules:
         held = sum(1 for p in m.parameters() if wanted.get(id(p)) is p)
@@ -106,3 +114,46 @@ def _declared_output(m: nn.Module, wanted: dict[int, torch.Tensor], owners: Owne
         return
     owners.declared_outputs.update(id(p) for p in out.parameters())
     owners.in_declaring_model.update(id(p) for p in m.parameters() if wanted.get(id(p)) is p)
+
+
+def wrapped_optimizers(opt: object) -> list[torch.optim.Optimizer]:
+    """The optimizers `opt` forwards to, directly or through further wrappers (not `opt` itself)."""
+    out: list[torch.optim.Optimizer] = []
+    todo: list[object] = [opt]
+    seen = {id(opt)}
+    while todo:
+        cur = todo.pop()
+        children: list[object] = [getattr(cur, a, None) for a in _INNER_ATTRS]
+        kids = getattr(cur, _CHILDREN_ATTR, None)
+        if isinstance(kids, (list, tuple)):
+            children += list(kids)
+        elif isinstance(kids, dict):
+            children += list(kids.values())
+        for c in children:
+            if isinstance(c, torch.optim.Optimizer) and id(c) not in seen:
+                seen.add(id(c))
+                out.append(c)
+                todo.append(c)
+    return out
+
+
+def _innermost(found: list[tuple[torch.optim.Optimizer, int]]) -> list[tuple[torch.optim.Optimizer, int]]:
+    """Drop the owners that are wrappers of another owner of the same parameter.
+
+    A wrapper lists the parameter too (it forwards `param_groups`), but the real update happens
+    in the optimizer it wraps: that one is what the backend binds.
+    """
+    if len(found) < 2:
+        return found
+    ids = {id(o) for o, _ in found}
+    keep = [(o, gi) for o, gi in found if not any(id(w) in ids for w in wrapped_optimizers(o))]
+    # A wrapper reaching its optimizer under another attribute name: it forwards the very same
+    # `param_groups` list through a property, while the real optimizer holds it as an attribute.
+    shared: dict[int, list[tuple[torch.optim.Optimizer, int]]] = {}
+    for o, gi in keep:
+        shared.setdefault(id(getattr(o, "param_groups", None)), []).append((o, gi))
+    keep = []
+    for group in shared.values():
+        own = [(o, gi) for o, gi in group if "param_groups" in vars(o)]
+        keep += own if len(group) > 1 and len(own) == 1 else group
+    return keep or found

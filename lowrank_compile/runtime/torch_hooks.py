@@ -80,13 +80,23 @@ def _holds(opt: torch.optim.Optimizer, p: torch.Tensor) -> bool:
 
 
 def _optimizer_pre_hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    from lowrank_compile.discovery import wrapped_optimizers
     from lowrank_compile.runtime.state import lookup
 
     strays = []
+    inner: set[int] | None = None
     for gi, group in enumerate(opt.param_groups):
         for p in group["params"]:
             st = lookup(p)
             if st is not None and (st.binding is None or st.binding._opt_ref() is not opt):
+                if inner is None:
+                    inner = {id(o) for o in wrapped_optimizers(opt)}
+                # No strong reference kept: _adopt may need a replaced optimizer to be collected.
+                bound = st.binding._opt_ref() if st.binding is not None else None
+                wraps = bound is not None and id(bound) in inner
+                del bound
+                if wraps:
+                    continue  # `opt` wraps the bound optimizer (a container): its step reaches ours
                 strays.append((gi, p, st))
     if strays:
         _adopt(opt, strays)
