@@ -249,13 +249,17 @@ class LowRankBackend:
 
         out = dict(roles)
         unsure: list[str] = []
+        computes_loss: bool | None = None  # read from the graph once, when first needed
         for i, p in new:
             if out.get(i) != "output":
                 continue
             if owners.declared_hidden(p):
                 out[i] = "matmul"
-            elif id(p) not in owners.declared_outputs and not role_analysis.computes_scalar(gm):
-                unsure.append(owners.name_of(p, f"input{i}"))
+            elif id(p) not in owners.declared_outputs:
+                if computes_loss is None:
+                    computes_loss = role_analysis.computes_scalar(gm)
+                if not computes_loss:
+                    unsure.append(owners.name_of(p, f"input{i}"))
         if unsure:
             warn_once(
                 "lowrank: cannot tell whether "

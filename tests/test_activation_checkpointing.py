@@ -18,6 +18,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_step
 from helpers import worst_rel_err
 from models import llama
 from torch import nn
@@ -31,17 +32,9 @@ OPTIONS = {"rank": 4, "min_dim": 4, "update_gap": 2}  # a refresh at updates 0 a
 
 def _train(model, batches, loss_fn, options=OPTIONS):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
-
-    def step(b):
-        loss = loss_fn(model, b)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss.detach()
-
-    compiled = torch.compile(step, backend="lowrank", options=options)
+    compiled = torch.compile(make_step(model, opt, loss_fn), backend="lowrank", options=options)
     before = pass_counters["consume-grads"]
-    losses = [compiled(b) for b in batches]
+    losses = [compiled(b).detach() for b in batches]
     fired = pass_counters["consume-grads"] - before
     projected = sorted(n for n, p in model.named_parameters() if (s := lookup(p)) is not None and s.proj)
     return losses, projected, fired

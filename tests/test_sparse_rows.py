@@ -30,6 +30,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from test_fuzz import One
 from test_fuzz import _budget
 from torch import nn
 
@@ -42,12 +43,6 @@ from lowrank_compile.runtime.state import lookup
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PRINT_RATIOS = bool(os.environ.get("LOWRANK_PRINT_RATIOS"))
-
-
-class One(nn.Module):
-    def __init__(self, w: torch.Tensor) -> None:
-        super().__init__()
-        self.w = nn.Parameter(w)
 
 
 def _lion(ps, **kw):

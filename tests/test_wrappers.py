@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+from helpers import make_step
 from helpers import worst_rel_err
 from models import mlp_batch
 from models import mlp_loss
@@ -94,15 +95,7 @@ def _wrap(kind: str, model: torch.nn.Module):
 def _run(kind: str, base: torch.nn.Module, steps: int = 4):
     model = copy.deepcopy(base)
     opt, inner = _wrap(kind, model)
-
-    def step(batch):
-        loss = mlp_loss(model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss.detach()
-
-    compiled = torch.compile(step, backend="lowrank", options=OPTIONS)
+    compiled = torch.compile(make_step(model, opt, mlp_loss), backend="lowrank", options=OPTIONS)
     for i in range(steps):
         compiled(mlp_batch(i))
     return model, inner

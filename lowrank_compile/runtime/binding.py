@@ -164,9 +164,9 @@ def _update_one(
             _save(store, kind, value, as_blocks)
     else:
         values = [_load(store, kind, as_blocks, target.numel()) for store, kind in zip(stores, layout)]
-        # The states before the rule mutates them, for the settle rule of 8-bit storage: elements
+        # The signed 8-bit states before the rule mutates them, for the settle rule: elements
         # without a gradient decay toward zero instead of sticking at a code (runtime/quant.py).
-        olds = [v.clone() if kind[0] == "q" else None for v, kind in zip(values, layout)]
+        olds = [v.clone() if kind[0] == "q" and kind[1] else None for v, kind in zip(values, layout)]
         rule.step(p, g, lr, *values)
         settle = g == 0
         for store, kind, value, old in zip(stores, layout, values, olds):

@@ -201,8 +201,7 @@ class QState:
         cls, shape: tuple[int, ...], signed: bool, device: torch.device | str, sqrt: bool = False
     ) -> QState:
         """A state of `shape` holding zeros (every code maps to 0 with absmax 0)."""
-        n = math.prod(shape)
-        nb = max(1, -(-n // BLOCK))
+        nb = _nblocks(math.prod(shape))
         codes = torch.full((nb * BLOCK,), zero_code(signed), dtype=torch.uint8, device=device)
         return cls(codes, torch.zeros(nb, dtype=torch.float32, device=device), signed, tuple(shape), sqrt)
 
@@ -226,18 +225,29 @@ class QState:
         self.absmax.copy_(absmax)
 
 
-def quantize_blockwise(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes uint8 [nblocks * BLOCK], absmax fp32 [nblocks]) of `x` (any shape; padded with zeros)."""
-    flat = x.reshape(-1).float()
-    n = flat.numel()
-    nb = max(1, -(-n // BLOCK))
-    if nb * BLOCK != n:
-        flat = torch.nn.functional.pad(flat, (0, nb * BLOCK - n))
-    blocks = flat.view(nb, BLOCK)
+def _nblocks(numel: int) -> int:
+    """Blocks of BLOCK values that hold `numel` values (at least one)."""
+    return max(1, -(-numel // BLOCK))
+
+
+def _pad_blocks(x: torch.Tensor, nb: int) -> torch.Tensor:
+    """`x` flattened, padded with zeros to `nb` whole blocks, shaped (nb, BLOCK)."""
+    flat = x.reshape(-1)
+    if nb * BLOCK != flat.numel():
+        flat = torch.nn.functional.pad(flat, (0, nb * BLOCK - flat.numel()))
+    return flat.view(nb, BLOCK)
+
+
+def _normalize(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values / their block's absmax, absmax) of fp32 values shaped (nblocks, BLOCK)."""
     absmax = blocks.abs().amax(dim=1)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    normed = blocks / safe.unsqueeze(1)
-    return nearest_code_lut(normed, *code_table(signed, x.device)).view(-1), absmax
+    return blocks / safe.unsqueeze(1), absmax
+
+
+def quantize_blockwise(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes uint8 [nblocks * BLOCK], absmax fp32 [nblocks]) of `x` (any shape; padded with zeros)."""
+    return quantize_blocks(_pad_blocks(x.float(), _nblocks(x.numel())), signed)
 
 
 def nearest_code(normed: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -269,11 +279,8 @@ def quantize_blocks(blocks: torch.Tensor, signed: bool) -> tuple[torch.Tensor, t
     parameter, its gradient and its states share one loop nest, and Inductor keeps each
     dequantised block in a local buffer instead of a full-size one.
     """
-    blocks = blocks.float()
-    absmax = blocks.abs().amax(dim=1)
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    codes = nearest_code_lut(blocks / safe.unsqueeze(1), *code_table(signed, blocks.device))
-    return codes.view(-1), absmax
+    normed, absmax = _normalize(blocks.float())
+    return nearest_code_lut(normed, *code_table(signed, blocks.device)).view(-1), absmax
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, signed: bool, numel: int) -> torch.Tensor:
@@ -281,11 +288,9 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, signed: bool
     return dequantize_blocks(codes, absmax, signed).view(-1)[:numel]
 
 
-def _toward_zero(codes: torch.Tensor, signed: bool) -> torch.Tensor:
-    """The next code toward the map's 0 (int32 codes; the zero code stays)."""
-    if signed:
-        return codes - torch.sign(codes - zero_code(True)).to(codes.dtype)
-    return torch.clamp(codes - 1, min=0)
+def _toward_zero(codes: torch.Tensor) -> torch.Tensor:
+    """The next code of the signed map toward its 0 (int32 codes; the zero code stays)."""
+    return codes - torch.sign(codes - zero_code(True)).to(codes.dtype)
 
 
 def uniform_hash(shape: tuple[int, int], salt: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -323,9 +328,7 @@ def encode_blocks(
     x = x.float()
     if sqrt:
         x = torch.sqrt(torch.clamp(x, min=0.0))
-    absmax = x.abs().amax(dim=1)
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    normed = x / safe.unsqueeze(1)
+    normed, absmax = _normalize(x)
     codes = nearest_code_lut(normed, *code_table(signed, x.device)).to(torch.int32)
     if not signed:
         # Floor: a positive second moment never becomes 0.
@@ -334,7 +337,7 @@ def encode_blocks(
         qmap = dynamic_map(signed, x.device)
         scale = absmax.unsqueeze(1)
         above = qmap[codes].abs() * scale  # the nearest code is the neighbour above |x| here
-        lower = _toward_zero(codes, signed)
+        lower = _toward_zero(codes)
         below = qmap[lower].abs() * scale
         stalled = settle & (x.abs() < old.abs()) & (above >= old.abs())
         # Stochastic rounding between the two neighbours: down with probability (above-|x|)/(above-below).
@@ -352,13 +355,6 @@ def decode_blocks(
     return y * y if sqrt else y
 
 
-def _pad_blocks(x: torch.Tensor, nb: int) -> torch.Tensor:
-    flat = x.reshape(-1)
-    if nb * BLOCK != flat.numel():
-        flat = torch.nn.functional.pad(flat, (0, nb * BLOCK - flat.numel()))
-    return flat.view(nb, BLOCK)
-
-
 def encode_blockwise(
     x: torch.Tensor,
     signed: bool,
@@ -368,7 +364,7 @@ def encode_blockwise(
     salt: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`encode_blocks` of a tensor of any shape (flattened, padded with zeros to whole blocks)."""
-    nb = max(1, -(-x.numel() // BLOCK))
+    nb = _nblocks(x.numel())
     o = _pad_blocks(old, nb) if old is not None else None
     s = _pad_blocks(settle, nb) if settle is not None else None
     return encode_blocks(_pad_blocks(x.float(), nb), signed, sqrt, o, s, salt)
