@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# torch is pinned to the CPU wheel this machine carries; the package itself accepts 2.11-2.13.
+# torch is pinned to the CPU wheel this machine carries; the package itself accepts 2.11-2.14.
 TORCH_PIN := torch==2.13.0
 PYTEST_ARGS ?=
 

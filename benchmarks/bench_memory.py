@@ -10,7 +10,10 @@ batches and lr for every contender:
   from a post-accumulate-grad hook, so gradients are freed layer by layer);
 - torchao.optim.AdamW8bit; bitsandbytes AdamW8bit;
 - lowrank with 32-bit and with 8-bit (default) states;
-- eager AdamW and lowrank 8-bit with activation checkpointing (transformers' default).
+- eager AdamW and lowrank 8-bit with activation checkpointing (transformers' default);
+- lowrank 8-bit with clip_grad_norm_(1.0), without and with 4 micro-batches of gradient
+  accumulation (the same micro-batch, so the same activations): the clip norm under accumulation
+  comes from the projected buffers and the residual sketch, with no full-size gradient buffer.
 
 GaLore and lowrank project the same matrices (attention and MLP weights) at rank 1/4 of the short
 side with scale 0.25 and a refresh every 200 steps.
@@ -60,8 +63,12 @@ CONTENDERS = [
     "lowrank 8-bit",
     "eager AdamW + activation checkpointing",
     "lowrank 8-bit + activation checkpointing",
+    "lowrank 8-bit + clipping",
+    "lowrank 8-bit + accumulation 4 + clipping",
 ]
 CKPT = " + activation checkpointing"
+CLIP = " + clipping"
+ACCUM = " + accumulation 4"
 LR, GAP, SCALE = 1e-3, 200, 0.25
 
 
@@ -116,6 +123,10 @@ def make_contender(name: str, model: torch.nn.Module) -> tuple[Callable[[torch.T
         model.train()
         model.gradient_checkpointing_enable()
         name = name[: -len(CKPT)]
+    clip = name.endswith(CLIP)
+    name = name.removesuffix(CLIP)
+    accum = 4 if name.endswith(ACCUM) else 1
+    name = name.removesuffix(ACCUM)
     proj = set(projected_names(model))
     params = dict(model.named_parameters())
     # One rank for the group: 1/4 of the hidden size, the short side of every projected matrix.
@@ -169,11 +180,14 @@ def make_contender(name: str, model: torch.nn.Module) -> tuple[Callable[[torch.T
         opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
 
     def step(ids: torch.Tensor) -> torch.Tensor:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        for _ in range(accum):  # accumulation: the same micro-batch size, so the same activations
+            loss = model(input_ids=ids, labels=ids).loss / accum
+            loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
-        return loss.detach()
+        return loss.detach() * accum
 
     if name == "inductor AdamW":
         return torch.compile(step), [opt]

@@ -21,12 +21,15 @@ if TYPE_CHECKING:
     import torch
 
     from lowrank_compile.plan import Plan
+    from lowrank_compile.runtime.clip import ClipReport
 
 __all__ = [
     "OPTION_DOCS",
     "LowRankConfig",
     "LowRankOptionError",
     "LowRankUsageError",
+    "bind",
+    "clip_report",
     "current_plan",
     "explain",
     "optimizer_state_bytes",
@@ -42,6 +45,45 @@ def reset() -> None:
     from lowrank_compile.backend import reset as _reset
 
     _reset()
+
+
+def bind(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Name the optimizer the backend binds, where discovery cannot tell; returns `opt`.
+
+    The backend finds the optimizer of a graph's parameters by itself, and sees through the
+    usual wrappers (accelerate, Lightning, containers, wrappers forwarding `param_groups`). When
+    two optimizers still list the same parameters, it leaves them to torch.optim and warns;
+    `bind(opt)` before the first compiled step says which one really updates them. Raises
+    `LowRankUsageError` for an object that is not a torch.optim.Optimizer, or when the
+    parameters were already planned without it (call `reset()` first).
+    """
+    from lowrank_compile.discovery import bind as _bind
+    from lowrank_compile.runtime.state import decided
+
+    stale = [
+        pp.name
+        for group in getattr(opt, "param_groups", [])
+        for p in group["params"]
+        if (pp := decided(p)) is not None and pp.reason.startswith("listed by more than one")
+    ]
+    if stale:
+        raise LowRankUsageError(
+            f"lowrank_compile.bind: {', '.join(stale[:4])} were already planned without a bound optimizer "
+            "(left to torch.optim); call bind(opt) before the first compiled step, or "
+            "lowrank_compile.reset() first"
+        )
+    return _bind(opt)
+
+
+def clip_report() -> ClipReport | None:
+    """What the last `clip_grad_norm_` over taken-over parameters measured (None before one).
+
+    The norm, which parameters' norms were estimated (gradient accumulated in low-rank form),
+    and the estimate's relative standard error.
+    """
+    from lowrank_compile.runtime.clip import report
+
+    return report()
 
 
 def current_plan() -> Plan:

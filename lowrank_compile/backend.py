@@ -31,6 +31,7 @@ from torch import nn
 from lowrank_compile.config import LowRankConfig
 from lowrank_compile.config import LowRankOptionError
 from lowrank_compile.config import parse_options
+from lowrank_compile.plan import FROZEN
 from lowrank_compile.plan import Kind
 from lowrank_compile.plan import ParamInfo
 from lowrank_compile.plan import ParamPlan
@@ -127,6 +128,7 @@ class LowRankBackend:
         self.config = config
         self.mode = mode
         self.graphs: list[GraphRecord] = []
+        self._unsure: list[str] = []  # names `_settle_output_roles` could not classify, until planned
 
     # ------------------------------------------------------------------ compile
     def inductor_patches(self) -> dict[str, Any]:
@@ -198,16 +200,26 @@ class LowRankBackend:
             roles = role_analysis.param_roles(gm, [i for i, _ in new])
             roles = self._settle_output_roles(gm, new, roles, owners)
             infos = [
-                ParamInfo(owners.name_of(p, f"input{i}"), p, owners.optimizer_of(p), roles.get(i, "other"))
+                ParamInfo(
+                    owners.name_of(p, f"input{i}"),
+                    p,
+                    owners.optimizer_of(p),
+                    roles.get(i, "other"),
+                    owners.wrapper_of(p),
+                )
                 for i, p in new
             ]
             plan = make_plan(infos, self.config)
+            self._warn_unsure_outputs(plan.params)
             for (_, p), info, pp in zip(new, infos, plan.params):
                 st = self._take_over(p, info, pp) if pp.kind is not Kind.TORCH else None
                 if st is None:
                     _to_torch_format(p, info, pp)
                 state_mod.register(p, pp, st)
-            self._warn_left_alone(plan.params)
+            if len(new) == len(params) and not any(pp.taken_over for pp in plan.params):
+                self._warn_none_taken_over(plan.params)
+            else:
+                self._warn_left_alone(plan.params)
         if len(new) < len(params):
             # Parameters trained already: follow them if their optimizer was replaced.
             from lowrank_compile.runtime.torch_hooks import follow_replaced_optimizers
@@ -260,15 +272,7 @@ class LowRankBackend:
                     computes_loss = role_analysis.computes_scalar(gm)
                 if not computes_loss:
                     unsure.append(owners.name_of(p, f"input{i}"))
-        if unsure:
-            warn_once(
-                "lowrank: cannot tell whether "
-                + ", ".join(unsure[:4])
-                + (f" ({len(unsure)} in all)" if len(unsure) > 4 else "")
-                + " is the output layer or a hidden layer followed by a graph break: it stays "
-                "full-rank. Models that name their output layer (get_output_embeddings()) are "
-                "classified exactly."
-            )
+        self._unsure = unsure
         return out
 
     def take_over_late(self, p: torch.Tensor, info: ParamInfo) -> ParamState | None:
@@ -313,6 +317,42 @@ class LowRankBackend:
             shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
             warn_once(f"lowrank: left to torch.optim and Inductor untouched: {shown}: {reason}.")
 
+    def _warn_unsure_outputs(self, plans: list[ParamPlan]) -> None:
+        """The warning of `_settle_output_roles`, for the parameters it made full-rank."""
+        unsure = [pp.name for pp in plans if pp.name in self._unsure and pp.kind is Kind.FULL]
+        self._unsure = []
+        if unsure:
+            warn_once(
+                "lowrank: cannot tell whether "
+                + ", ".join(unsure[:4])
+                + (f" ({len(unsure)} in all)" if len(unsure) > 4 else "")
+                + " is the output layer or a hidden layer followed by a graph break: it stays "
+                "full-rank. Models that name their output layer (get_output_embeddings()) are "
+                "classified exactly."
+            )
+
+    def _warn_none_taken_over(self, plans: list[ParamPlan]) -> None:
+        """One warning for a graph that trains parameters of which the backend takes over none."""
+        trained = [pp for pp in plans if pp.reason != FROZEN]
+        if not trained or not torch.is_grad_enabled():
+            return  # nothing trains here (frozen parameters, or an inference graph)
+        reasons: dict[str, list[str]] = {}
+        for pp in trained:
+            reasons.setdefault(pp.reason, []).append(pp.name)
+        # The reasons that are not the defaults' ordinary choices come first: they are the cause.
+        order = sorted(reasons, key=lambda r: not any(pp.surprising for pp in trained if pp.reason == r))
+        parts = []
+        for reason in order:
+            names = reasons[reason]
+            shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+            parts.append(f"{shown}: {reason}")
+        warn_once(
+            f"lowrank: this graph trains {len(trained)} parameters and the backend takes over none of "
+            "them (no projection, no 8-bit states; torch.optim and Inductor train them as usual). "
+            + "; ".join(parts)
+            + "."
+        )
+
     def update_backend(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
         """Backend for the compiled optimizer update of taken-over parameters."""
         compiled = self.inductor(gm, example_inputs)
@@ -341,13 +381,14 @@ def _slot(i: int, st: ParamState, variant: str) -> Any:
     if st.config.grad_accumulation == "full":
         return GradSlot(i, "full")
     dct = pj.method == "dct"
+    ck = st.config.clip_sketch
     if variant == "steady":
-        return GradSlot(i, "project", side=pj.side, dct=dct, rank=pj.rank)
+        return GradSlot(i, "project", side=pj.side, dct=dct, rank=pj.rank, clip_k=ck)
     if pj.method == "randomized":
         k = sketch_sizes(pj.rank, pj.reduced, pj.kept)
-        return GradSlot(i, "sketch", side=pj.side, dct=dct, rank=pj.rank, sketch_k=k)
+        return GradSlot(i, "sketch", side=pj.side, dct=dct, rank=pj.rank, sketch_k=k, clip_k=ck)
     # svd/dct: the projector is made inside backward, so no full-size gradient outlives its layer.
-    return GradSlot(i, "refresh", side=pj.side, dct=dct, rank=pj.rank, name=st.plan.name)
+    return GradSlot(i, "refresh", side=pj.side, dct=dct, rank=pj.rank, name=st.plan.name, clip_k=ck)
 
 
 def _clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -58,8 +58,14 @@ OPTION_DOCS: dict[str, tuple[str, str]] = {
     "grad_accumulation": (
         " | ".join(GRAD_ACCUMULATION),
         "how projected gradients accumulate across backward calls; full keeps eager-size buffers, "
-        "allows clip_grad_norm_ under gradient accumulation, and takes svd/dct refreshes from the "
-        "accumulated gradient instead of the first micro-batch's",
+        "so clip_grad_norm_ under gradient accumulation is exact for every norm type, and takes svd/dct "
+        "refreshes from the accumulated gradient instead of the first micro-batch's",
+    ),
+    "clip_sketch": (
+        "int >= 0",
+        "width of the random sketch of the projection residual that lets clip_grad_norm_ estimate the "
+        "2-norm of a gradient accumulated over several backward calls (README: Clipping); 0 = no sketch, "
+        "and clip_grad_norm_ after accumulation raises LowRankClipError",
     ),
     "state_bits": (
         "32 | 8",
@@ -90,6 +96,7 @@ class LowRankConfig:
     adaptive_gap: bool = False
     rotate_states: bool = False
     grad_accumulation: str = "projected"
+    clip_sketch: int = 16
     state_bits: int = 8
     min_dim: int = 32
     include: tuple[str, ...] = ()
@@ -164,6 +171,8 @@ def _validate(cfg: LowRankConfig) -> None:
             raise _fail(name, getattr(cfg, name))
     if cfg.grad_accumulation not in GRAD_ACCUMULATION:
         raise _fail("grad_accumulation", cfg.grad_accumulation)
+    if not _is_int(cfg.clip_sketch) or cfg.clip_sketch < 0:
+        raise _fail("clip_sketch", cfg.clip_sketch)
     if cfg.state_bits not in STATE_BITS or not _is_int(cfg.state_bits):
         raise _fail("state_bits", cfg.state_bits)
     if not _is_int(cfg.min_dim) or cfg.min_dim < 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import warnings
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from dataclasses import field
@@ -16,7 +17,7 @@ from dataclasses import field
 import torch
 from torch import nn
 
-__all__ = ["Owners", "find_owners", "wrapped_optimizers"]
+__all__ = ["Owners", "bind", "distributed_wrapper", "find_owners", "wrapped_optimizers"]
 
 # Attributes through which optimizer wrappers reach the optimizer they forward to: accelerate's
 # AcceleratedOptimizer (`optimizer`), Lightning's LightningOptimizer (`_optimizer`), torchtitan's
@@ -35,6 +36,8 @@ class Owners:
     # `get_output_embeddings()`), and the parameters of those declared output layers.
     in_declaring_model: set[int] = field(default_factory=set)
     declared_outputs: set[int] = field(default_factory=set)
+    # Parameters trained under a data-parallel wrapper (DDP, FSDP), with the wrapper's class name.
+    wrappers: dict[int, str] = field(default_factory=dict)
 
     def declared_hidden(self, p: torch.Tensor) -> bool:
         """True when `p`'s model names its output layer and `p` is not in it."""
@@ -43,6 +46,10 @@ class Owners:
     def optimizer_of(self, p: torch.Tensor) -> list[tuple[torch.optim.Optimizer, int]]:
         """Every (optimizer, param-group index) that lists `p`."""
         return self.optimizers.get(id(p), [])
+
+    def wrapper_of(self, p: torch.Tensor) -> str | None:
+        """The data-parallel wrapper `p` is trained under (see `distributed_wrapper`), or None."""
+        return self.wrappers.get(id(p))
 
     def name_of(self, p: torch.Tensor, fallback: str) -> str:
         """The parameter's name in its outermost module, or `fallback`."""
@@ -84,6 +91,9 @@ def find_owners(params: Iterable[torch.Tensor]) -> Owners:
             modules.append(obj)
     for pid, found in owners.optimizers.items():
         owners.optimizers[pid] = _innermost(found)
+    for p in wanted.values():
+        if (kind := _sharded(p)) is not None:
+            owners.wrappers[id(p)] = kind
     holds: list[tuple[int, int, nn.Module]] = []
     for m in modules:
         held = sum(1 for p in m.parameters() if wanted.get(id(p)) is p)
@@ -92,6 +102,10 @@ def find_owners(params: Iterable[torch.Tensor]) -> Owners:
     holds.sort(key=lambda t: (t[0], t[1]))
     for _, _, m in holds:
         _declared_output(m, wanted, owners)
+        if (kind := distributed_wrapper(m)) is not None:
+            for p in m.parameters():
+                if wanted.get(id(p)) is p:
+                    owners.wrappers.setdefault(id(p), kind)
     for _, _, root in holds:
         for name, p in root.named_parameters(remove_duplicate=True):
             if wanted.get(id(p)) is p and id(p) not in owners.names:
@@ -99,6 +113,27 @@ def find_owners(params: Iterable[torch.Tensor]) -> Owners:
         if len(owners.names) == len(wanted):
             break
     return owners
+
+
+# Data-parallel wrappers whose gradient hooks need `.grad` (DDP's reducer all-reduces it; FSDP
+# reduce-scatters it). Matched by class name along the MRO, so torch.distributed is not imported.
+_WRAPPERS = ("DistributedDataParallel", "FullyShardedDataParallel", "FSDPModule")
+
+
+def distributed_wrapper(m: object) -> str | None:
+    """The name of the data-parallel wrapper `m` is (DDP, FSDP1, an FSDP2 `fully_shard` module), or None."""
+    for cls in type(m).__mro__:
+        if cls.__name__ in _WRAPPERS and cls.__module__.startswith("torch."):
+            return "FSDP2 (fully_shard)" if cls.__name__ == "FSDPModule" else cls.__name__
+    return None
+
+
+def _sharded(p: torch.Tensor) -> str | None:
+    """A description for a parameter that is a DTensor (FSDP2, tensor parallel), else None."""
+    for cls in type(p).__mro__:
+        if cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed"):
+            return "DTensor (FSDP2 or tensor parallel)"
+    return None
 
 
 def _declared_output(m: nn.Module, wanted: dict[int, torch.Tensor], owners: Owners) -> None:
@@ -114,6 +149,27 @@ def _declared_output(m: nn.Module, wanted: dict[int, torch.Tensor], owners: Owne
         return
     owners.declared_outputs.update(id(p) for p in out.parameters())
     owners.in_declaring_model.update(id(p) for p in m.parameters() if wanted.get(id(p)) is p)
+
+
+_BOUND: weakref.WeakSet = weakref.WeakSet()
+
+
+def bind(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Name `opt` as the optimizer the backend binds for its parameters (see `lowrank_compile.bind`)."""
+    if not isinstance(opt, torch.optim.Optimizer):
+        from lowrank_compile.config import LowRankUsageError
+
+        raise LowRankUsageError(
+            f"lowrank_compile.bind: expected the torch.optim.Optimizer that updates the parameters, got "
+            f"{type(opt).__name__}; pass the innermost optimizer (e.g. accelerate's `opt.optimizer`)"
+        )
+    _BOUND.add(opt)
+    return opt
+
+
+def bound_explicitly(opt: object) -> bool:
+    """True for an optimizer named with `bind`."""
+    return opt in _BOUND
 
 
 def wrapped_optimizers(opt: object) -> list[torch.optim.Optimizer]:
@@ -145,6 +201,9 @@ def _innermost(found: list[tuple[torch.optim.Optimizer, int]]) -> list[tuple[tor
     """
     if len(found) < 2:
         return found
+    named = [(o, gi) for o, gi in found if o in _BOUND]
+    if len(named) == 1:
+        return named
     ids = {id(o) for o, _ in found}
     keep = [(o, gi) for o, gi in found if not any(id(w) in ids for w in wrapped_optimizers(o))]
     # A wrapper reaching its optimizer under another attribute name: it forwards the very same

@@ -2,13 +2,15 @@
 
 Categories (bytes):
 - weights: every parameter;
-- gradients: what lives across a step (eager: every `.grad`; lowrank: the low-rank accumulators,
-  full-size buffers of full-rank taken-over parameters and `.grad` of parameters left to
-  torch.optim), plus `gradient_transient`: the largest single full gradient of a projected
-  parameter, alive only between the node that makes it and the one that consumes it;
+- gradients: what lives across a step (eager: every `.grad`; lowrank: the low-rank accumulators
+  and the clip residual sketch, full-size buffers of full-rank taken-over parameters and `.grad`
+  of parameters left to torch.optim), plus `gradient_transient`: the largest single full
+  gradient of a projected parameter, alive only between the node that makes it and the one
+  that consumes it;
 - optimizer_states: as stored (8-bit states as codes plus per-block absmax);
 - projectors: GaLore projection matrices (or DCT indices);
-- buffers: the backend's other per-parameter buffers (the rule's R-shaped parameter);
+- buffers: the backend's other buffers (the rule's R-shaped parameter, shared per shape; the clip
+  sketch's test matrix, shared per size);
 - activations: tensors autograd saves for backward (excluding parameters) in one forward, from a
   forward run under FakeTensorMode, so nothing is allocated. This is eager's count; Inductor's
   partitioner may save a little less or recompute.
@@ -241,7 +243,7 @@ def estimate(
         )
     )
     galore = MemoryEstimate("GaLore (galore_torch)", 4 * n, 4 * n, activations=acts[torch.float32])
-    scratch: set[tuple[int, ...]] = set()  # lowrank's update scratch: one buffer per R shape
+    scratch: set[tuple[Any, ...]] = set()  # shared buffers: one per R shape, one test matrix per kept size
     lowrank = MemoryEstimate(f"lowrank {_describe(config)}", 4 * n, activations=acts[torch.float32])
     for pp in plan.params:
         numel = pp.numel
@@ -256,6 +258,12 @@ def estimate(
                 scratch.add(low)
                 lowrank.buffers += 4 * pp.rank * kept  # the rule's R-shaped parameter
             lowrank.gradient_transient = max(lowrank.gradient_transient, 4 * numel)
+            if config.clip_sketch and config.grad_accumulation == "projected":
+                ck = config.clip_sketch  # the clip residual sketch (runtime/clip.py)
+                lowrank.gradients += 4 * ck * reduced + 4 * ck + 4  # Y, per-column sums, sum ||P^T A||^2
+                if ("omega", kept) not in scratch:  # its +-1 test matrix, one per kept size
+                    scratch.add(("omega", kept))
+                    lowrank.buffers += 4 * ck * kept
         else:
             galore.optimizer_states += 8 * numel + 4
             lowrank.gradients += 4 * numel  # full-size buffer (FULL) or .grad (left to torch.optim)

@@ -45,20 +45,14 @@ def _adam_states(group: Mapping[str, Any]) -> int:
     return 3 if group.get("amsgrad") else 2
 
 
-def _adam_unsupported(opt: torch.optim.Optimizer, group: Mapping[str, Any]) -> str | None:
+def _differentiable(opt: torch.optim.Optimizer, group: Mapping[str, Any]) -> str | None:
+    # fused=True is supported: the rule is traced from the per-tensor path (runtime/rules.py).
     if group.get("differentiable"):
         return "differentiable=True (the update would need autograd through the step)"
-    if group.get("fused"):
-        return "fused=True (the fused kernel cannot be traced; use the default)"
     return None
 
 
-def _sgd_unsupported(opt: torch.optim.Optimizer, group: Mapping[str, Any]) -> str | None:
-    if group.get("differentiable"):
-        return "differentiable=True (the update would need autograd through the step)"
-    if group.get("fused"):
-        return "fused=True (the fused kernel cannot be traced; use the default)"
-    return None
+_adam_unsupported = _sgd_unsupported = _differentiable
 
 
 _RULES: dict[type, OptimizerRule] = {

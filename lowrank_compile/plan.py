@@ -117,6 +117,7 @@ class ParamInfo:
     param: torch.Tensor
     owners: Sequence[tuple[torch.optim.Optimizer, int]]
     role: str = "other"
+    wrapper: str | None = None  # the data-parallel wrapper it is trained under (DDP, FSDP), if any
 
 
 def _state_bytes(numel: int, elt: int, state_bits: int) -> int:
@@ -190,11 +191,23 @@ def plan_param(info: ParamInfo, config: LowRankConfig) -> ParamPlan:
 
     if not p.requires_grad:
         return decide(Kind.TORCH, FROZEN)
+    if info.wrapper is not None:
+        return decide(
+            Kind.TORCH,
+            f"trained under {info.wrapper}, whose gradient hooks need .grad (the backend does not "
+            "consume gradients under data-parallel wrappers)",
+            surprising=True,
+        )
     if not info.owners:
         return decide(Kind.TORCH, NO_OPTIMIZER, surprising=True)
     if len(info.owners) > 1:
         names = ", ".join(type(o).__name__ for o, _ in info.owners)
-        return decide(Kind.TORCH, f"listed by more than one optimizer/param group ({names})", surprising=True)
+        return decide(
+            Kind.TORCH,
+            f"listed by more than one optimizer/param group ({names}); if one forwards to the other, "
+            "name the real one with lowrank_compile.bind(opt) before the first compiled step",
+            surprising=True,
+        )
     opt, group = info.owners[0]
     rule = rule_for(opt)
     if rule is None:

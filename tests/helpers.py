@@ -44,3 +44,16 @@ def paired(build: Callable[[], nn.Module], make_opt: Callable[[nn.Module], torch
     eager_model = build()
     model = copy.deepcopy(eager_model)
     return (eager_model, make_opt(eager_model)), (model, make_opt(model))
+
+
+def projected_names(model: nn.Module) -> list[str]:
+    """Names of the parameters of `model` the backend took over with GaLore projection."""
+    from lowrank_compile.plan import Kind
+    from lowrank_compile.runtime.state import lookup
+
+    out = []
+    for n, p in model.named_parameters():
+        st = lookup(p)
+        if st is not None and st.plan.kind is Kind.PROJECTED:
+            out.append(n)
+    return out

@@ -122,9 +122,14 @@ def test_unsupported_optimizer_and_settings_are_surprising():
     assert plan["embed.weight"].surprising and "RMSprop is not supported" in plan["embed.weight"].reason
 
     model = Net()
-    opt = torch.optim.Adam(model.parameters(), fused=True)
+    opt = torch.optim.Adam(model.parameters(), differentiable=True)
     plan = _plan(model, opt, min_dim=16)
-    assert plan["embed.weight"].kind is Kind.TORCH and "fused=True" in plan["embed.weight"].reason
+    assert plan["embed.weight"].kind is Kind.TORCH and "differentiable=True" in plan["embed.weight"].reason
+    # fused=True is supported (HF Trainer's default optimizer is AdamW(fused=True)).
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), fused=True)
+    plan = _plan(model, opt, roles=ROLES, rank=8, min_dim=16)
+    assert plan["embed.weight"].kind is Kind.FULL and plan["block.q_proj.weight"].kind is Kind.PROJECTED
 
 
 def test_param_without_or_with_two_optimizers():

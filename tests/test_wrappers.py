@@ -127,3 +127,46 @@ def test_lightning_optimizer_resolves_to_the_inner_one():
     owners = find_owners(model.parameters())
     for p in model.parameters():
         assert [o for o, _ in owners.optimizer_of(p)] == [inner]
+
+
+def test_accelerate_grad_scaler_step_restoring_inner_step_keeps_the_binding():
+    """With a GradScaler, AcceleratedOptimizer swaps `inner.step` for a patched copy of the step
+    it saw at prepare time (before the backend bound it) around every scaler step, then restores
+    that copy. The backend's update runs from the optimizer's step post-hook, so it survives."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    import lowrank_compile
+
+    base = wide_mlp()
+
+    def run(wrapped: bool):
+        model = copy.deepcopy(base)
+        inner = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        if wrapped:
+            Accelerator(cpu=True)
+            opt = AcceleratedOptimizer(inner, device_placement=False, scaler=scaler)
+
+        def step(batch):
+            scaler.scale(mlp_loss(model, batch)).backward()
+            if wrapped:
+                opt.step()  # scaler.step + scaler.update inside, with inner.step swapped
+                opt.zero_grad()
+            else:
+                scaler.step(inner)
+                scaler.update()
+                inner.zero_grad()
+
+        compiled = torch.compile(step, backend="lowrank", options=OPTIONS)
+        for i in range(4):
+            compiled(mlp_batch(i))
+        return model, inner
+
+    ref, _ = run(False)
+    lowrank_compile.reset()
+    model, inner = run(True)
+    st = lookup(model[2].weight)
+    assert st is not None and st.binding.opt is inner and st.rounds == 4  # four backend updates
+    err, where = worst_rel_err(model, ref)
+    assert err <= 1e-5, (err, where)

@@ -24,6 +24,8 @@ Modes per slot (G is the gradient, m x n; every accumulator follows `where(fresh
   gathered in the graph from the shared basis and the layer's column indices.
 - "sketch": "project" plus the randomized refresh sketch Y += A Omega, with A = G (left) or
   G^T (right).
+- with `clip_k > 0`, "project", "sketch" and "refresh" also accumulate a k-column sketch of the
+  projection residual (see `consume_project`), for clip_grad_norm_ after accumulation.
 - "refresh": svd/dct refresh steps without a full buffer. `lowrank::refresh_projector` (an
   opaque op, runtime/refresh_op.py) makes the new projector from G on the step's first backward
   call and passes it through on later ones; it is copied to the `refresh_dst` buffer, and R is
@@ -66,6 +68,7 @@ class GradSlot:
     dct: bool = False  # the projector arrives as (basis, index) instead of a matrix
     rank: int = 0  # r, for the fake shapes of project/sketch inputs
     sketch_k: int = 0  # sketch width k (sketch mode)
+    clip_k: int = 0  # width of the clip residual sketch (project/sketch/refresh modes; 0 = none)
     name: str = ""  # the parameter's name (refresh mode: names it in warnings)
 
     def __post_init__(self) -> None:
@@ -93,18 +96,39 @@ def consume_project(
     rgrad: torch.Tensor,
     sq: torch.Tensor,
     amax: torch.Tensor,
-    *sketch: torch.Tensor,
+    *extra: torch.Tensor,
     left: bool,
+    sketch: bool = False,
+    clip: bool = False,
 ) -> None:
-    """R += proj(G), sum(G^2) and max|G|; with sketch tensors (omega, y) also Y += A Omega."""
+    """R += proj(G), sum(G^2) and max|G|; `sketch`: Y += A Omega; `clip`: the residual sketch.
+
+    `extra` holds (omega, y) when `sketch`, then (c_omega, c_y, c_diag, sq_r) when `clip`:
+    with A = G (left) or G^T (right), d x e, and E = A - P P^T A its projection residual,
+    C_y += A c_omega, c_diag += column sums of (E c_omega)^2, sq_r += ||P^T A||^2. They let
+    clip_grad_norm_ estimate the norm of a gradient summed over backward calls (runtime/clip.py).
+    """
     # GEMMs in the parameter's dtype; accumulation in the buffers' dtype (fp32 for bf16/fp16).
-    _accumulate(fresh, rgrad, (proj.t() @ g if left else g @ proj).to(rgrad.dtype))
+    r = (proj.t() @ g if left else g @ proj).to(rgrad.dtype)
+    _accumulate(fresh, rgrad, r)
     gw = g.to(sq.dtype)  # fp32, or the parameter's dtype when wider
     _accumulate(fresh, sq, (gw * gw).sum())
     _accumulate(fresh, amax, gw.abs().amax(), torch.maximum)
+    a = g if left else g.t()
+    rest = list(extra)
     if sketch:
-        omega, y = sketch
-        _accumulate(fresh, y, ((g if left else g.t()) @ omega).to(y.dtype))
+        omega, y = rest[:2]
+        rest = rest[2:]
+        _accumulate(fresh, y, (a @ omega).to(y.dtype))
+    if clip:
+        c_omega, c_y, c_diag, sq_r = rest
+        yi = (a @ c_omega).to(c_y.dtype)
+        pc = proj.to(c_y.dtype)
+        ei = yi - pc @ (pc.t() @ yi)
+        _accumulate(fresh, c_y, yi)
+        _accumulate(fresh, c_diag, (ei * ei).sum(0).to(c_diag.dtype))
+        rw = r.to(sq_r.dtype)
+        _accumulate(fresh, sq_r, (rw * rw).sum())
 
 
 def consume_refresh(
@@ -117,7 +141,7 @@ def consume_refresh(
     rgrad: torch.Tensor,
     sq: torch.Tensor,
     amax: torch.Tensor,
-    *,
+    *clip_bufs: torch.Tensor,
     rank: int,
     left: bool,
     name: str,
@@ -128,7 +152,7 @@ def consume_refresh(
     new = refresh_projector(g, code, src, basis, rank, left, name)
     dst.copy_(new)
     proj = basis[:, new] if basis.numel() else new
-    consume_project(g, fresh, proj, rgrad, sq, amax, left=left)
+    consume_project(g, fresh, proj, rgrad, sq, amax, *clip_bufs, left=left, clip=bool(clip_bufs))
 
 
 def _inline(
@@ -186,6 +210,17 @@ class ConsumeGradients(GraphPass):
             extra.append((slot.output_index, role))
             return node
 
+        def clip_inputs(slot: GradSlot, d: int, e: int, dt: Any, acc_dt: Any, stat_dt: Any, dev: Any):
+            k = slot.clip_k
+            if k == 0:
+                return []
+            return [
+                placeholder(slot, "clip_omega", (e, k), dt, dev),
+                placeholder(slot, "clip_y", (d, k), acc_dt, dev),
+                placeholder(slot, "clip_diag", (k,), stat_dt, dev),
+                placeholder(slot, "sq_r", (), stat_dt, dev),
+            ]
+
         for slot in self.slots:
             grad = outputs[slot.output_index]
             if not isinstance(grad, torch.fx.Node):
@@ -199,7 +234,7 @@ class ConsumeGradients(GraphPass):
                 _inline(graph, grad, consume_full, [grad, fresh, buf], fake_mode)
             elif slot.mode == "refresh":
                 r, left = slot.rank, slot.side == "left"
-                d = m if left else n
+                d, e = (m, n) if left else (n, m)
                 acc_dt = torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
                 stat_dt = torch.float64 if dt == torch.float64 else torch.float32
                 p_shape, p_dt = ((r,), torch.int64) if slot.dct else ((d, r), dt)
@@ -213,6 +248,7 @@ class ConsumeGradients(GraphPass):
                     placeholder(slot, "rgrad", (r, n) if left else (m, r), acc_dt, dev),
                     placeholder(slot, "sq", (), stat_dt, dev),
                     placeholder(slot, "amax", (), stat_dt, dev),
+                    *clip_inputs(slot, d, e, dt, acc_dt, stat_dt, dev),
                 ]
                 refresh = functools.partial(consume_refresh, rank=r, left=left, name=slot.name)
                 _inline(graph, grad, refresh, args, fake_mode)
@@ -229,25 +265,31 @@ class ConsumeGradients(GraphPass):
                 stat_dt = torch.float64 if dt == torch.float64 else torch.float32
                 sq = placeholder(slot, "sq", (), stat_dt, dev)
                 amax = placeholder(slot, "amax", (), stat_dt, dev)
-                sketch: list[torch.fx.Node] = []
+                extra_args: list[torch.fx.Node] = []
                 if slot.mode == "sketch":
                     k = slot.sketch_k
-                    sketch = [
+                    extra_args = [
                         placeholder(slot, "omega", (e, k), dt, dev),
                         placeholder(slot, "sketch_y", (d, k), acc_dt, dev),
                     ]
+                extra_args += clip_inputs(slot, d, e, dt, acc_dt, stat_dt, dev)
+                consume = functools.partial(
+                    consume_project, left=left, sketch=slot.mode == "sketch", clip=slot.clip_k > 0
+                )
                 if slot.dct:
 
-                    def fn(g, fresh, basis, index, *rest, left=left):
-                        consume_project(g, fresh, basis[:, index], *rest, left=left)
+                    def fn(g, fresh, basis, index, *rest, consume=consume):
+                        consume(g, fresh, basis[:, index], *rest)
 
-                    _inline(graph, grad, fn, [grad, fresh, basis, index, rbuf, sq, amax, *sketch], fake_mode)
+                    _inline(
+                        graph, grad, fn, [grad, fresh, basis, index, rbuf, sq, amax, *extra_args], fake_mode
+                    )
                 else:
                     _inline(
                         graph,
                         grad,
-                        functools.partial(consume_project, left=left),
-                        [grad, fresh, proj, rbuf, sq, amax, *sketch],
+                        consume,
+                        [grad, fresh, proj, rbuf, sq, amax, *extra_args],
                         fake_mode,
                     )
             outputs[slot.output_index] = None

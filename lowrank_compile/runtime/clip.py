@@ -8,15 +8,20 @@ is covered, `from torch.nn.utils import clip_grad_norm_` included. When no taken
 is in the arguments, the original runs unchanged.
 
 Norm of a taken-over parameter's full gradient:
-- full-rank parameter, or projected one whose full gradient is being accumulated (svd/dct refresh
-  steps, `grad_accumulation="full"`): computed from the full buffer, for every norm type.
-- projected parameter on a steady step: the backward also accumulates sum(G^2) and max|G| of
-  each gradient it consumes. After one backward call they give the exact 2-norm and inf-norm.
-  After several calls the norm of the *sum* is not recoverable from the projected buffers, so
-  this raises `LowRankClipError`, which says what to do instead.
+- full-rank parameter, or projected one whose full gradient is being accumulated
+  (`grad_accumulation="full"`, eager backward at an svd/dct refresh step): computed from the full
+  buffer, for every norm type.
+- projected parameter after one backward call: the backward also accumulates sum(G^2) and
+  max|G| of each gradient it consumes, which give the exact 2-norm and inf-norm.
+- projected parameter after several backward calls: the norm of the *sum* cannot be rebuilt
+  from R alone. The 2-norm is split into the exact projected part ||R||^2, the exact per-call
+  residual energies, and the cross terms between calls' residuals, which are estimated from a
+  k-column random sketch (`clip_sketch`, see `residual_estimate`). Other norm types raise
+  `LowRankClipError`, which says what to do instead. `report()` gives the last estimate's
+  relative standard error.
 
-Clipping multiplies every accumulator by the same coefficient, which is exact because
-projection is linear.
+Clipping multiplies every accumulator by the same coefficient (sums of squares by its square),
+which is exact because projection and the sketch are linear.
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["LowRankClipError", "install", "uninstall"]
+__all__ = ["ClipReport", "LowRankClipError", "install", "report", "residual_estimate", "uninstall"]
 
 
 class LowRankClipError(RuntimeError):
@@ -109,19 +115,92 @@ def _full_buffer(st: Any) -> torch.Tensor | None:
     return st.proj.full
 
 
-def _norm_of(st: Any, norm_type: float) -> torch.Tensor:
+@dataclass(frozen=True)
+class ClipReport:
+    """What the last backend-aware `clip_grad_norm_` measured (see `lowrank_compile.clip_report`).
+
+    `norm` is the total norm it returned. `estimated` names the projected parameters whose
+    gradient was accumulated over several backward calls, so their residual part was estimated
+    from the sketch. `rel_std` is the sketch's own estimate of the norm's relative standard
+    error (0.0 when nothing was estimated).
+    """
+
+    norm: float
+    estimated: tuple[str, ...]
+    rel_std: float
+
+
+_LAST: dict[str, Any] = {}
+
+
+def report() -> ClipReport | None:
+    """The last clip's `ClipReport`, or None before the first backend-aware clip."""
+    if not _LAST:
+        return None
+    total = float(_LAST["total"])
+    var = float(sum(v.item() for v in _LAST["var"])) if _LAST["var"] else 0.0
+    # d||G|| = d(||G||^2) / (2 ||G||)
+    rel = math.sqrt(var) / (2.0 * total * total) if total > 0 and var > 0 else 0.0
+    return ClipReport(norm=total, estimated=tuple(_LAST["estimated"]), rel_std=rel)
+
+
+def residual_estimate(
+    r_acc: torch.Tensor,
+    sq: torch.Tensor,
+    sq_r: torch.Tensor,
+    clip_y: torch.Tensor,
+    clip_diag: torch.Tensor,
+    p: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(estimate of ||G||^2, its variance) for a projected gradient summed over several calls.
+
+    G = sum_i G_i is split, with A = G (left) or G^T (right) and P the step's projector, into
+    the exact part ||P^T A||^2 = ||R||^2 and the residual E = A - P P^T A. Then
+    ||E||^2 = sum_i ||E_i||^2 + C, with C = sum over i != j of <E_i, E_j>:
+    - sum_i ||E_i||^2 = sum_i ||A_i||^2 - sum_i ||P^T A_i||^2 is exact (`sq - sq_r`);
+    - C is estimated from the sketch Y = sum_i A_i W (`clip_y`; W is e x k with entries +-1):
+      each column c gives t_c = ||(I - P P^T) Y_c||^2 - sum_i ||(I - P P^T) A_i W_c||^2
+      (`clip_diag`), an unbiased estimate of C. The estimate is their mean, and its variance
+      is estimated from their spread.
+    With one backward call C = 0 and every t_c is 0 up to rounding.
+    """
+    stat = sq.dtype
+    r = r_acc.to(stat)
+    exact = (r * r).sum()
+    diag = (sq - sq_r).clamp_min(0)
+    pc = p.to(clip_y.dtype)
+    ey = (clip_y - pc @ (pc.t() @ clip_y)).to(stat)
+    t = (ey * ey).sum(0) - clip_diag
+    k = t.numel()
+    var = t.var() / k if k > 1 else torch.zeros((), dtype=stat, device=t.device)
+    return exact + (diag + t.mean()).clamp_min(0), var
+
+
+def _norm_of(st: Any, norm_type: float, variances: list[torch.Tensor], estimated: list[str]) -> torch.Tensor:
     full = _full_buffer(st)
     if full is not None:
         return torch.linalg.vector_norm(full, norm_type)
     pj = st.proj
     if st.calls_since_zero > 1:
-        raise LowRankClipError(
-            f"clip_grad_norm_: {st.plan.name} is projected and its gradient was accumulated over "
-            f"{st.calls_since_zero} backward calls in low-rank form, so the norm of the full accumulated "
-            "gradient is not available. Pass options={'grad_accumulation': 'full'} to keep full-size "
-            "gradient buffers while accumulating (eager-size memory), or exclude the parameter "
-            "(options={'exclude': [...]}), or clip without gradient accumulation."
+        if pj.clip_y is None or norm_type != 2.0:
+            why = (
+                "the clip sketch is off (clip_sketch=0)"
+                if pj.clip_y is None
+                else f"only the 2-norm can be estimated from the sketch, not norm_type={norm_type}"
+            )
+            raise LowRankClipError(
+                f"clip_grad_norm_: {st.plan.name} is projected and its gradient was accumulated over "
+                f"{st.calls_since_zero} backward calls in low-rank form, and {why}. Use norm_type=2.0 with "
+                "options={'clip_sketch': 16} (the default), or options={'grad_accumulation': 'full'} to keep "
+                "full-size gradient buffers while accumulating (eager-size memory, exact for every norm), or "
+                "exclude the parameter (options={'exclude': [...]})."
+            )
+        sq, var = residual_estimate(
+            pj.r_acc, pj.sq, pj.sq_r, pj.clip_y, pj.clip_diag, st.accumulated_projector()
         )
+        variances.append(var)
+        estimated.append(st.plan.name)
+        return sq.sqrt().to(st.view.dtype)
     if norm_type == 2.0:
         return pj.sq.sqrt().to(st.view.dtype)
     if math.isinf(norm_type) and norm_type > 0:
@@ -138,10 +217,11 @@ def _scale(st: Any, coef: torch.Tensor) -> None:
         st.grad.mul_(coef.to(st.grad.dtype))
         return
     pj = st.proj
-    for t in (pj.r_acc, pj.full, pj.sketch_y):
+    for t in (pj.r_acc, pj.full, pj.sketch_y, pj.clip_y):
         if t is not None:
             t.mul_(coef.to(t.dtype))
-    pj.sq.mul_((coef * coef).to(pj.sq.dtype))
+    for t in st.quadratic_buffers():
+        t.mul_((coef * coef).to(t.dtype))
     pj.amax.mul_(coef.abs().to(pj.amax.dtype))
 
 
@@ -161,7 +241,9 @@ def clip_grad_norm_(
     from torch.nn.utils.clip_grad import _get_total_norm
 
     grads = [p.grad for p in params if p.grad is not None]
-    norms = [_norm_of(st, norm_type) for st in states]
+    variances: list[torch.Tensor] = []
+    estimated: list[str] = []
+    norms = [_norm_of(st, norm_type, variances, estimated) for st in states]
     if grads:
         norms.append(_get_total_norm(grads, norm_type, False, foreach))
     device = norms[0].device
@@ -177,6 +259,8 @@ def clip_grad_norm_(
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for st in states:
         _scale(st, coef)
+    _LAST.clear()
+    _LAST.update(total=total.detach(), var=variances, estimated=estimated)
     return total
 
 

@@ -16,7 +16,9 @@ Tracing details:
 - `torch.compiler.is_compiling()` is patched to True, so torch.optim keeps step counters as
   tensors (`_get_value`), as it does when compiled. The default dtype is float64, so those
   counters are float64 and Adam's bias corrections are as exact as eager's Python doubles.
-- `foreach=False`: the rule is the per-tensor path.
+- `foreach=False`: the rule is the per-tensor path. `fused=True` groups trace it too: torch's
+  fused kernel computes the same formula (rounding aside) and cannot be traced; parameters
+  left to torch.optim keep the fused kernel.
 - Hyper-parameters other than `lr` are baked in. A rule is cached per optimizer class and
   hyper-parameter values, so changing them traces a new rule, and the compiled update that
   calls it recompiles, as a changed float does under torch.compile.
@@ -118,6 +120,8 @@ def trace_rule(
     hp = {k: v for k, v in group.items() if k not in ("params", "initial_lr")}
     if "foreach" in hp:
         hp["foreach"] = False
+    if hp.get("fused"):
+        hp["fused"] = False  # the same formula as the per-tensor path, in one kernel per device
 
     def run(
         p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, states: dict[str, Any] | None

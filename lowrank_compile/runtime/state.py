@@ -66,6 +66,11 @@ class Projection:
     omega: torch.Tensor | None = None  # randomized: e x k test matrix of the sketch Y = A Omega
     sketch_y: torch.Tensor | None = None  # randomized: d x k
     pending_p: torch.Tensor | None = None  # randomized: projector that takes over after this update
+    # Clip residual sketch (consume_project's `clip`, runtime/clip.py), this step's only; its
+    # e x k test matrix is shared by every parameter of the same e (`clip_test_matrix`).
+    clip_y: torch.Tensor | None = None  # d x k: sum over calls of A_i clip_omega
+    clip_diag: torch.Tensor | None = None  # (k,): sum over calls of column sums of (E_i clip_omega)^2
+    sq_r: torch.Tensor | None = None  # 0-d: sum over calls of ||P^T A_i||^2
     # svd/dct refresh inside backward (consume-grads "refresh" mode): the new projector (or dct
     # indices), made on the step's first backward call and installed by refresh.prepare.
     refresh_buf: torch.Tensor | None = None
@@ -201,6 +206,13 @@ class ParamState:
             return pj.amax
         if role.startswith("refresh_"):
             return self._refresh_input(role)
+        if role == "clip_omega":
+            return self.clip_omega()
+        if role in ("clip_y", "clip_diag", "sq_r"):
+            self._ensure_clip_sketch()
+            t = getattr(pj, role)
+            assert t is not None
+            return t
         if role in ("omega", "sketch_y"):
             self._ensure_sketch()
             t = getattr(pj, role)
@@ -256,6 +268,43 @@ class ParamState:
         pj.omega = omega.to(device=dev, dtype=dt)
         pj.sketch_y = torch.zeros(pj.reduced, k, device=dev, dtype=compute_dtype(dt))
 
+    def _ensure_clip_sketch(self) -> None:
+        """Allocate the clip residual sketch's buffers once (its test matrix: `clip_test_matrix`)."""
+        pj = self.proj
+        assert pj is not None
+        if pj.clip_y is None:
+            k = self.config.clip_sketch
+            dev, dt = self.view.device, self.view.dtype
+            pj.clip_y = torch.zeros(pj.reduced, k, device=dev, dtype=compute_dtype(dt))
+            pj.clip_diag = torch.zeros(k, device=dev, dtype=_stat_dtype(dt))
+            pj.sq_r = torch.zeros((), device=dev, dtype=_stat_dtype(dt))
+
+    def clip_omega(self) -> torch.Tensor:
+        """This accumulation window's +-1 test matrix (e x k) for the clip sketch."""
+        pj = self.proj
+        assert pj is not None
+        cfg, v = self.config, self.view
+        return clip_test_matrix(pj.kept, cfg.clip_sketch, v.dtype, v.device, self.rounds)
+
+    def clip_buffers(self) -> tuple[torch.Tensor, ...] | None:
+        """(clip_omega, clip_y, clip_diag, sq_r) for eager accumulation, or None when the sketch is off."""
+        if self.proj is None or self.config.clip_sketch == 0 or self.config.grad_accumulation == "full":
+            return None
+        self._ensure_clip_sketch()
+        pj = self.proj
+        assert pj.clip_y is not None and pj.clip_diag is not None and pj.sq_r is not None
+        return (self.clip_omega(), pj.clip_y, pj.clip_diag, pj.sq_r)
+
+    def accumulated_projector(self) -> torch.Tensor:
+        """The d x r projector this step's R is accumulated with (the new one after a backward refresh)."""
+        pj = self.proj
+        assert pj is not None
+        if pj.bwd_refreshed and pj.refresh_buf is not None:
+            if pj.basis is not None:
+                return pj.basis.index_select(1, pj.refresh_buf)
+            return pj.refresh_buf
+        return pj.projector()
+
     # ------------------------------------------------------------- eager-side accumulation
     def accumulate(self, g: torch.Tensor) -> None:
         """Add a gradient computed outside the compiled backward (what autograd left in .grad)."""
@@ -267,24 +316,43 @@ class ParamState:
             else:
                 self.grad.add_(g)
         else:
+            from lowrank_compile.passes.consume_grads import consume_project
+
             pj = self.proj
             refreshing = pj.refresh_due()
-            if refreshing and pj.method != "randomized":
+            if refreshing and pj.method != "randomized" and not pj.bwd_refreshed:
                 full = self.input_for("grad")
                 full.copy_(g) if self.fresh else full.add_(g)
+                gw = g.to(pj.sq.dtype)
+                sq = gw.pow(2).sum()
+                am = gw.abs().max()
+                pj.sq.copy_(sq) if self.fresh else pj.sq.add_(sq)
+                pj.amax.copy_(am) if self.fresh else torch.maximum(pj.amax, am, out=pj.amax)
             else:
-                r = proj_math.project(g, pj.projector().to(g.dtype), pj.side).to(pj.r_acc.dtype)
-                pj.r_acc.copy_(r) if self.fresh else pj.r_acc.add_(r)
-                if refreshing:  # randomized
+                # The consumer the compiled backward runs, called eagerly.
+                extra: list[torch.Tensor] = []
+                sketch = refreshing and pj.method == "randomized"
+                if sketch:
                     self._ensure_sketch()
                     assert pj.omega is not None and pj.sketch_y is not None
-                    y = ((g if pj.side == "left" else g.t()) @ pj.omega.to(g.dtype)).to(pj.sketch_y.dtype)
-                    pj.sketch_y.copy_(y) if self.fresh else pj.sketch_y.add_(y)
-            gw = g.to(pj.sq.dtype)
-            sq = gw.pow(2).sum()
-            am = gw.abs().max()
-            pj.sq.copy_(sq) if self.fresh else pj.sq.add_(sq)
-            pj.amax.copy_(am) if self.fresh else torch.maximum(pj.amax, am, out=pj.amax)
+                    extra += [pj.omega.to(g.dtype), pj.sketch_y]
+                clip = self.clip_buffers()
+                extra += list(clip or ())
+                fresh = constant(g.device, self.fresh)
+                proj = self.accumulated_projector().to(g.dtype)
+                left = pj.side == "left"
+                consume_project(
+                    g,
+                    fresh,
+                    proj,
+                    pj.r_acc,
+                    pj.sq,
+                    pj.amax,
+                    *extra,
+                    left=left,
+                    sketch=sketch,
+                    clip=clip is not None,
+                )
         self.fresh = False
         self.calls_since_zero += 1
 
@@ -298,8 +366,15 @@ class ParamState:
             assert self.grad is not None
             return [self.grad]
         pj = self.proj
-        bufs = [pj.r_acc, pj.amax] + [t for t in (pj.full, pj.sketch_y) if t is not None]
+        bufs = [pj.r_acc, pj.amax] + [t for t in (pj.full, pj.sketch_y, pj.clip_y) if t is not None]
         return bufs
+
+    def quadratic_buffers(self) -> list[torch.Tensor]:
+        """The buffers quadratic in this step's gradient (sums of squares): they scale by a factor squared."""
+        pj = self.proj
+        if pj is None:
+            return []
+        return [t for t in (pj.sq, pj.clip_diag, pj.sq_r) if t is not None]
 
     def zero_grad(self, set_to_none: bool) -> None:
         """Eager `zero_grad` semantics: forget the gradient, or zero it when there is one."""
@@ -316,7 +391,7 @@ class ParamState:
             self.grad.zero_()
             return
         pj = self.proj
-        for t in (pj.r_acc, pj.sq, pj.amax, pj.full, pj.sketch_y):
+        for t in (pj.r_acc, pj.sq, pj.amax, pj.full, pj.sketch_y, pj.clip_y, pj.clip_diag, pj.sq_r):
             if t is not None:
                 t.zero_()
         # A projector chosen from the discarded gradient is forgotten: the next backward chooses.
@@ -341,7 +416,9 @@ class ParamState:
         projector = nbytes(pj.index) if pj.index is not None else nbytes(pj.p, pj.pending_p)
         projector += nbytes(pj.refresh_buf)
         return {
-            "gradients": nbytes(pj.r_acc, pj.sq, pj.amax, pj.full, pj.sketch_y),
+            "gradients": nbytes(
+                pj.r_acc, pj.sq, pj.amax, pj.full, pj.sketch_y, pj.clip_y, pj.clip_diag, pj.sq_r
+            ),
             "projectors": projector + nbytes(pj.omega),
             "virtual": 0,  # shared between parameters: see `scratch_bytes`
         }
@@ -456,12 +533,36 @@ def shared_scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
 
 
 def scratch_bytes() -> int:
-    """Bytes of the shared scratch buffers."""
-    return sum(t.numel() * t.element_size() for t in _SCRATCH.values())
+    """Bytes of the shared scratch buffers and clip test matrices."""
+    return sum(t.numel() * t.element_size() for t in _SCRATCH.values()) + sum(
+        t.numel() * t.element_size() for _, t in _CLIP_OMEGA.values()
+    )
+
+
+_CLIP_OMEGA: dict[tuple[int, int, torch.dtype, torch.device], tuple[int, torch.Tensor]] = {}
+
+
+def clip_test_matrix(e: int, k: int, dtype: torch.dtype, device: torch.device, rounds: int) -> torch.Tensor:
+    """The clip sketch's e x k test matrix (entries +-1) for update count `rounds`.
+
+    A pure function of its arguments: one tensor is kept per (e, k, dtype, device), drawn again
+    when `rounds` changes, so every parameter with the same e shares it within a window, and a
+    resumed run (`rounds` travels in checkpoints) draws what the uninterrupted one drew.
+    """
+    key = (int(e), int(k), dtype, torch.device(device))
+    hit = _CLIP_OMEGA.get(key)
+    if hit is not None and hit[0] == rounds:
+        return hit[1]
+    gen = torch.Generator(device="cpu").manual_seed((e * 1_000_003 + rounds) * 7919 + k)
+    signs = torch.randint(0, 2, (e, k), generator=gen, dtype=torch.int8)
+    t = (signs * 2 - 1).to(device=device, dtype=dtype)
+    _CLIP_OMEGA[key] = (rounds, t)
+    return t
 
 
 def registry_clear() -> None:
     """Forget every plan and state (used by `lowrank_compile.reset`)."""
     _SCRATCH.clear()
+    _CLIP_OMEGA.clear()
     _STATES.clear()
     _DECIDED.clear()

@@ -69,8 +69,7 @@ def _unscale_grads_(
             # The op torch uses for .grad: sets found_inf on inf/NaN, multiplies by inv_scale.
             torch._amp_foreach_non_finite_check_and_unscale_(bufs, per_device[dev], inv_scale.to(dev))
         for st in active:
-            if st.proj is not None:  # a sum of squares scales by inv_scale squared
-                sq = st.proj.sq
+            for sq in st.quadratic_buffers():  # a sum of squares scales by inv_scale squared
                 sq.mul_(inv_scale.to(sq.device, sq.dtype).square())
     return per_device
 
