@@ -82,7 +82,8 @@ def find_owners(params: Iterable[torch.Tensor]) -> Owners:
     modules: list[nn.Module] = []
     for obj in _tracked_objects():
         if isinstance(obj, torch.optim.Optimizer):
-            for gi, group in enumerate(obj.param_groups):
+            # An optimizer whose __init__ raised (kept alive by a traceback) has no param_groups.
+            for gi, group in enumerate(getattr(obj, "param_groups", None) or ()):
                 for p in group["params"]:
                     if wanted.get(id(p)) is p:
                         owners.optimizers.setdefault(id(p), []).append((obj, gi))
@@ -165,11 +166,6 @@ def bind(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
         )
     _BOUND.add(opt)
     return opt
-
-
-def bound_explicitly(opt: object) -> bool:
-    """True for an optimizer named with `bind`."""
-    return opt in _BOUND
 
 
 def wrapped_optimizers(opt: object) -> list[torch.optim.Optimizer]:
