@@ -128,7 +128,6 @@ class LowRankBackend:
         self.config = config
         self.mode = mode
         self.graphs: list[GraphRecord] = []
-        self._unsure: list[str] = []  # names `_settle_output_roles` could not classify, until planned
 
     # ------------------------------------------------------------------ compile
     def inductor_patches(self) -> dict[str, Any]:
@@ -198,7 +197,7 @@ class LowRankBackend:
         if new:
             owners = find_owners(p for _, p in new)
             roles = role_analysis.param_roles(gm, [i for i, _ in new])
-            roles = self._settle_output_roles(gm, new, roles, owners)
+            roles, unsure = self._settle_output_roles(gm, new, roles, owners)
             infos = [
                 ParamInfo(
                     owners.name_of(p, f"input{i}"),
@@ -210,7 +209,7 @@ class LowRankBackend:
                 for i, p in new
             ]
             plan = make_plan(infos, self.config)
-            self._warn_unsure_outputs(plan.params)
+            self._warn_unsure_outputs(plan.params, unsure)
             for (_, p), info, pp in zip(new, infos, plan.params):
                 st = self._take_over(p, info, pp) if pp.kind is not Kind.TORCH else None
                 if st is None:
@@ -247,7 +246,7 @@ class LowRankBackend:
         new: list[tuple[int, torch.Tensor]],
         roles: dict[int, str],
         owners: Any,
-    ) -> dict[int, str]:
+    ) -> tuple[dict[int, str], list[str]]:
         """Decide the "output" roles a graph break may have faked (see roles.py).
 
         A matmul whose result leaves the graph without another parameter matmul downstream looks
@@ -255,7 +254,7 @@ class LowRankBackend:
         between the decoder and the LM head under gradient checkpointing), it is not. A model that
         names its output layer (`get_output_embeddings()`) settles it; otherwise, when this graph
         computes no scalar (no loss here, so its outputs go on to another graph), the role stays
-        "output" (full-rank) and one warning names the parameters.
+        "output" (full-rank), and the parameter's name is returned among the undecided ones.
         """
         from lowrank_compile import roles as role_analysis
 
@@ -272,8 +271,7 @@ class LowRankBackend:
                     computes_loss = role_analysis.computes_scalar(gm)
                 if not computes_loss:
                     unsure.append(owners.name_of(p, f"input{i}"))
-        self._unsure = unsure
-        return out
+        return out, unsure
 
     def take_over_late(self, p: torch.Tensor, info: ParamInfo) -> ParamState | None:
         """Plan a parameter the graphs left to torch.optim again, and take it over if the plan says so.
@@ -314,13 +312,11 @@ class LowRankBackend:
             if pp.kind is Kind.TORCH and pp.surprising:
                 reasons.setdefault(pp.reason, []).append(pp.name)
         for reason, names in reasons.items():
-            shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
-            warn_once(f"lowrank: left to torch.optim and Inductor untouched: {shown}: {reason}.")
+            warn_once(f"lowrank: left to torch.optim and Inductor untouched: {_shown(names)}: {reason}.")
 
-    def _warn_unsure_outputs(self, plans: list[ParamPlan]) -> None:
-        """The warning of `_settle_output_roles`, for the parameters it made full-rank."""
-        unsure = [pp.name for pp in plans if pp.name in self._unsure and pp.kind is Kind.FULL]
-        self._unsure = []
+    def _warn_unsure_outputs(self, plans: list[ParamPlan], undecided: list[str]) -> None:
+        """One warning for the parameters `_settle_output_roles` left undecided that stay full-rank."""
+        unsure = [pp.name for pp in plans if pp.name in undecided and pp.kind is Kind.FULL]
         if unsure:
             warn_once(
                 "lowrank: cannot tell whether "
@@ -337,15 +333,10 @@ class LowRankBackend:
         if not trained or not torch.is_grad_enabled():
             return  # nothing trains here (frozen parameters, or an inference graph)
         reasons: dict[str, list[str]] = {}
-        for pp in trained:
-            reasons.setdefault(pp.reason, []).append(pp.name)
         # The reasons that are not the defaults' ordinary choices come first: they are the cause.
-        order = sorted(reasons, key=lambda r: not any(pp.surprising for pp in trained if pp.reason == r))
-        parts = []
-        for reason in order:
-            names = reasons[reason]
-            shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
-            parts.append(f"{shown}: {reason}")
+        for pp in sorted(trained, key=lambda pp: not pp.surprising):
+            reasons.setdefault(pp.reason, []).append(pp.name)
+        parts = [f"{_shown(names)}: {reason}" for reason, names in reasons.items()]
         warn_once(
             f"lowrank: this graph trains {len(trained)} parameters and the backend takes over none of "
             "them (no projection, no 8-bit states; torch.optim and Inductor train them as usual). "
@@ -358,6 +349,11 @@ class LowRankBackend:
         compiled = self.inductor(gm, example_inputs)
         self.graphs.append(GraphRecord(len(self.graphs), len(example_inputs), [], {}, kind="update"))
         return compiled
+
+
+def _shown(names: list[str]) -> str:
+    """The first names of a list, for a warning."""
+    return ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
 
 
 def _to_torch_format(p: torch.Tensor, info: ParamInfo, pp: ParamPlan) -> None:

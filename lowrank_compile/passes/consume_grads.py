@@ -51,7 +51,15 @@ import torch.fx
 
 from lowrank_compile.passes.base import GraphPass
 
-__all__ = ["EXTRA_INPUTS_KEY", "MODES", "ConsumeGradients", "GradSlot", "consume_full", "consume_project"]
+__all__ = [
+    "EXTRA_INPUTS_KEY",
+    "MODES",
+    "ConsumeGradients",
+    "GradSlot",
+    "consume_full",
+    "consume_project",
+    "consume_stats",
+]
 
 EXTRA_INPUTS_KEY = "lowrank_extra_inputs"
 MODES = ("full", "project", "sketch", "refresh")
@@ -89,6 +97,13 @@ def consume_full(g: torch.Tensor, fresh: torch.Tensor, grad: torch.Tensor) -> No
     _accumulate(fresh, grad, g)
 
 
+def consume_stats(g: torch.Tensor, fresh: torch.Tensor, sq: torch.Tensor, amax: torch.Tensor) -> None:
+    """sum(G^2) and max|G|, in the accumulators' dtype (fp32, or the parameter's when wider)."""
+    gw = g.to(sq.dtype)
+    _accumulate(fresh, sq, (gw * gw).sum())
+    _accumulate(fresh, amax, gw.abs().amax(), torch.maximum)
+
+
 def consume_project(
     g: torch.Tensor,
     fresh: torch.Tensor,
@@ -111,9 +126,7 @@ def consume_project(
     # GEMMs in the parameter's dtype; accumulation in the buffers' dtype (fp32 for bf16/fp16).
     r = (proj.t() @ g if left else g @ proj).to(rgrad.dtype)
     _accumulate(fresh, rgrad, r)
-    gw = g.to(sq.dtype)  # fp32, or the parameter's dtype when wider
-    _accumulate(fresh, sq, (gw * gw).sum())
-    _accumulate(fresh, amax, gw.abs().amax(), torch.maximum)
+    consume_stats(g, fresh, sq, amax)
     a = g if left else g.t()
     rest = list(extra)
     if sketch:

@@ -138,7 +138,7 @@ def report() -> ClipReport | None:
     if not _LAST:
         return None
     total = float(_LAST["total"])
-    var = float(sum(v.item() for v in _LAST["var"])) if _LAST["var"] else 0.0
+    var = float(sum(v.item() for v in _LAST["var"]))  # parameters may differ in dtype and device
     # d||G|| = d(||G||^2) / (2 ||G||)
     rel = math.sqrt(var) / (2.0 * total * total) if total > 0 and var > 0 else 0.0
     return ClipReport(norm=total, estimated=tuple(_LAST["estimated"]), rel_std=rel)
@@ -182,10 +182,11 @@ def _norm_of(st: Any, norm_type: float, variances: list[torch.Tensor], estimated
         return torch.linalg.vector_norm(full, norm_type)
     pj = st.proj
     if st.calls_since_zero > 1:
-        if pj.clip_y is None or norm_type != 2.0:
+        off = st.config.clip_sketch == 0
+        if off or norm_type != 2.0:
             why = (
                 "the clip sketch is off (clip_sketch=0)"
-                if pj.clip_y is None
+                if off
                 else f"only the 2-norm can be estimated from the sketch, not norm_type={norm_type}"
             )
             raise LowRankClipError(

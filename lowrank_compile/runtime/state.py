@@ -316,20 +316,18 @@ class ParamState:
             else:
                 self.grad.add_(g)
         else:
+            from lowrank_compile.passes.consume_grads import consume_full
             from lowrank_compile.passes.consume_grads import consume_project
+            from lowrank_compile.passes.consume_grads import consume_stats
 
             pj = self.proj
             refreshing = pj.refresh_due()
+            fresh = constant(g.device, self.fresh)
+            # The consumers the compiled backward runs, called eagerly.
             if refreshing and pj.method != "randomized" and not pj.bwd_refreshed:
-                full = self.input_for("grad")
-                full.copy_(g) if self.fresh else full.add_(g)
-                gw = g.to(pj.sq.dtype)
-                sq = gw.pow(2).sum()
-                am = gw.abs().max()
-                pj.sq.copy_(sq) if self.fresh else pj.sq.add_(sq)
-                pj.amax.copy_(am) if self.fresh else torch.maximum(pj.amax, am, out=pj.amax)
+                consume_full(g, fresh, self.input_for("grad"))
+                consume_stats(g, fresh, pj.sq, pj.amax)
             else:
-                # The consumer the compiled backward runs, called eagerly.
                 extra: list[torch.Tensor] = []
                 sketch = refreshing and pj.method == "randomized"
                 if sketch:
@@ -338,7 +336,6 @@ class ParamState:
                     extra += [pj.omega.to(g.dtype), pj.sketch_y]
                 clip = self.clip_buffers()
                 extra += list(clip or ())
-                fresh = constant(g.device, self.fresh)
                 proj = self.accumulated_projector().to(g.dtype)
                 left = pj.side == "left"
                 consume_project(
