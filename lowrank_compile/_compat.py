@@ -22,6 +22,8 @@ from torch._inductor.compile_fx import compile_fx_inner
 
 __all__ = [
     "allocation_events",
+    "before_ddp_split",
+    "compile_wrapper_target",
     "compile_fx",
     "compile_fx_inner",
     "counters",
@@ -29,6 +31,7 @@ __all__ = [
     "dynamo_disable",
     "guard_on_identity",
     "no_autograd_cache",
+    "real_parameters",
     "static_fake",
     "unwrapped_by_dynamo",
 ]
@@ -75,6 +78,71 @@ def guard_on_identity(gm: torch.fx.GraphModule, indices: list[int]) -> int:
         tc.guards_context.dynamo_guards.add(source.make_guard(GuardBuilder.ID_MATCH))
         added += 1
     return added
+
+
+def real_parameters(example_inputs: Any, indices: list[int]) -> dict[int, torch.Tensor | None]:
+    """The real parameter behind each of `example_inputs[indices]` (None where none is found).
+
+    Dynamo's DDPOptimizer splits a graph per DDP bucket and hands every piece fake copies of
+    the parameters, made by the piece's fake mode from the real ones. The fake mode's memo maps
+    each real tensor to its fake; the real candidates are the parameters of the DDP module whose
+    forward is being compiled.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    out: dict[int, torch.Tensor | None] = {i: example_inputs[i] for i in indices}
+    fakes = {i: x for i, x in out.items() if isinstance(x, FakeTensor)}
+    if not fakes:
+        return out
+    ddp = None
+    if torch.distributed.is_available():
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel._get_active_ddp_module()
+    by_fake: dict[int, torch.Tensor] = {}
+    if ddp is not None:
+        for q in ddp.module.parameters():
+            for fake_mode in {id(f.fake_mode): f.fake_mode for f in fakes.values()}.values():
+                hit = fake_mode.fake_tensor_converter._get_memo(q)
+                if hit is not None:
+                    by_fake[id(hit)] = q
+    for i, f in fakes.items():
+        out[i] = by_fake.get(id(f))
+    return out
+
+
+_DDP_HOOKS: list[Callable[[Any, torch.fx.GraphModule, list[Any]], None]] = []
+
+
+def before_ddp_split(hook: Callable[[Any, torch.fx.GraphModule, list[Any]], None]) -> None:
+    """Call `hook(backend, gm, example_inputs)` before Dynamo's DDPOptimizer splits a graph.
+
+    DDPOptimizer (the default `optimize_ddp`) cuts a graph compiled inside DDP's forward into
+    one piece per DDP bucket and compiles each with fake parameters. The hook sees the whole
+    graph with the real parameters first, so the backend can plan them (their roles read from
+    the whole graph) and mark them `_ddp_ignored`, which DDPOptimizer's bucketing skips.
+    """
+    if hook in _DDP_HOOKS or not torch.distributed.is_available():
+        return
+    from torch._dynamo.backends.distributed import DDPOptimizer
+
+    _DDP_HOOKS.append(hook)
+    if getattr(DDPOptimizer.compile_fn, "_lowrank_hooked", False):
+        return
+    original = DDPOptimizer.compile_fn
+
+    def compile_fn(self: Any, gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Any:
+        for h in _DDP_HOOKS:
+            h(self.backend_compile_fn, gm, example_inputs)
+        return original(self, gm, example_inputs, **kwargs)
+
+    compile_fn._lowrank_hooked = True  # type: ignore[attr-defined]
+    DDPOptimizer.compile_fn = compile_fn  # type: ignore[method-assign]
+
+
+def compile_wrapper_target(fn: Any) -> tuple[Any, dict[str, Any]]:
+    """(the backend function, its `mode`/`options` kwargs) behind torch.compile's backend wrapper."""
+    return getattr(fn, "compiler_fn", fn), dict(getattr(fn, "kwargs", None) or {})
 
 
 def dynamo_disable(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -94,6 +94,8 @@ class BackwardWithState:
         self.states = list({id(st): st for st, _ in first[1]}.values())
         self.projected = [st for st in self.states if st.proj is not None]
         self.calls: dict[str, int] = {name: 0 for name in variants}
+        # Parameters trained under DDP: their buffers are reduced by runtime/dist.py.
+        self.data_parallel = [st for st in self.states if st.dp is not None]
 
     def variant(self) -> str:
         """The variant the next call runs."""
@@ -102,6 +104,10 @@ class BackwardWithState:
         return "steady"
 
     def __call__(self, args: list[Any]) -> Any:
+        if self.data_parallel:
+            from lowrank_compile.runtime import dist
+
+            dist.wait_for(self.data_parallel)  # a reduction in flight still writes the buffers
         name = self.variant()
         compiled, extra = self.variants[name]
         for st, role in extra:
@@ -115,6 +121,8 @@ class BackwardWithState:
             st.backward_calls += 1
             st.calls_since_zero += 1
         self.calls[name] += 1
+        if self.data_parallel:
+            dist.after_backward(self.data_parallel)
         return out
 
     def __getattr__(self, name: str) -> Any:
@@ -166,13 +174,22 @@ class LowRankBackend:
         if not param_indices:
             record.kind = "other"
             return self.inductor(gm, example_inputs)
+        # Under Dynamo's DDPOptimizer each bucket's piece comes with fake copies of the
+        # parameters: plan the real ones.
+        reals = _compat.real_parameters(example_inputs, param_indices)
+        if any(r is None for r in reals.values()):
+            warn_once(
+                "lowrank: a graph came with fake parameters that the backend cannot map back to the "
+                "model's (a graph splitter other than DDPOptimizer?); they are left to torch.optim. "
+                "torch._dynamo.config.optimize_ddp = False hands the backend the real parameters."
+            )
         if torch._dynamo.config.compiled_autograd:
             warn_once(
                 "lowrank: compiled autograd is enabled; it replays the backward itself, so the "
                 "backend cannot consume gradients in it. Every parameter is left to torch.optim."
             )
             return self.inductor(gm, example_inputs)
-        slots = self._plan_graph(gm, [(i, example_inputs[i]) for i in param_indices])
+        slots = self._plan_graph(gm, [(i, reals[i]) for i in param_indices if reals[i] is not None])
         record.planned = {i: st.plan.name for i, st in slots.items()}
         if not slots:
             return self.inductor(gm, example_inputs)
@@ -210,11 +227,18 @@ class LowRankBackend:
             ]
             plan = make_plan(infos, self.config)
             self._warn_unsure_outputs(plan.params, unsure)
+            under_ddp: dict[int, tuple[nn.Module, list[ParamState]]] = {}
             for (_, p), info, pp in zip(new, infos, plan.params):
                 st = self._take_over(p, info, pp) if pp.kind is not Kind.TORCH else None
                 if st is None:
                     _to_torch_format(p, info, pp)
+                elif (ddp := owners.ddp_of(p)) is not None:
+                    under_ddp.setdefault(id(ddp), (ddp, []))[1].append(st)
                 state_mod.register(p, pp, st)
+            for ddp, sts in under_ddp.values():
+                from lowrank_compile.runtime import dist
+
+                dist.adopt(ddp, sts)  # out of DDP's Reducer, before its backward is prepared
             if len(new) == len(params) and not any(pp.taken_over for pp in plan.params):
                 self._warn_none_taken_over(plan.params)
             else:
@@ -384,7 +408,9 @@ def _slot(i: int, st: ParamState, variant: str) -> Any:
         k = sketch_sizes(pj.rank, pj.reduced, pj.kept)
         return GradSlot(i, "sketch", side=pj.side, dct=dct, rank=pj.rank, sketch_k=k, clip_k=ck)
     # svd/dct: the projector is made inside backward, so no full-size gradient outlives its layer.
-    return GradSlot(i, "refresh", side=pj.side, dct=dct, rank=pj.rank, name=st.plan.name, clip_k=ck)
+    signs = st.config.svd_signs
+    name = st.plan.name
+    return GradSlot(i, "refresh", side=pj.side, dct=dct, rank=pj.rank, name=name, clip_k=ck, signs=signs)
 
 
 def _clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -493,6 +519,33 @@ def lowrank_backend(
     return get_backend(config, mode)(gm, example_inputs)
 
 
+def _before_ddp_split(fn: Any, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> None:
+    """Plan a graph Dynamo's DDPOptimizer is about to split, when it is compiled with this backend.
+
+    Planned here, the parameters' roles come from the whole graph (a piece boundary would look
+    like a graph break), and the taken-over ones leave DDP's buckets (`_ddp_ignored`) before
+    DDPOptimizer counts them, so the pieces follow only the parameters DDP still reduces.
+    """
+    target, kwargs = _compat_module().compile_wrapper_target(fn)
+    if target is not lowrank_backend or torch._dynamo.config.compiled_autograd:
+        return
+    try:
+        config = parse_options(kwargs.get("options"))
+    except LowRankOptionError:
+        return  # raised properly when the backend itself is called
+    params: list[tuple[int, torch.Tensor]] = [
+        (i, x) for i, x in enumerate(example_inputs) if isinstance(x, nn.Parameter)
+    ]
+    if params:
+        get_backend(config, kwargs.get("mode"))._plan_graph(gm, params)
+
+
+def _compat_module() -> Any:
+    from lowrank_compile import _compat
+
+    return _compat
+
+
 def all_backends() -> list[LowRankBackend]:
     """Every backend instance created since the last reset (one per options/mode pair)."""
     return list(_BACKENDS.values())
@@ -513,6 +566,7 @@ def reset() -> None:
     Parameters keep their current values. Optimizer states owned by the backend are dropped.
     """
     from lowrank_compile.runtime import clip
+    from lowrank_compile.runtime import dist
     from lowrank_compile.runtime import torch_hooks
 
     for b in all_bindings():
@@ -520,6 +574,12 @@ def reset() -> None:
     clip.uninstall()
     torch_hooks.uninstall()
     state_mod.registry_clear()
+    dist.reset()
     _BACKENDS.clear()
     _warned.clear()
     torch._dynamo.reset()
+
+
+# Importing this module is what torch.compile(backend="lowrank") does (the entry point), before
+# any graph is compiled: the DDPOptimizer hook is in place for the first one.
+_compat_module().before_ddp_split(_before_ddp_split)

@@ -33,6 +33,7 @@ PROJ_TYPES = ("std", "reverse_std", "left", "right")
 PROJECTORS = ("svd", "randomized", "dct")
 STATE_BITS = (32, 8)
 GRAD_ACCUMULATION = ("projected", "full")
+SVD_SIGNS = ("canonical", "lapack")  # runtime/projector.py's SIGNS
 
 # One line per option: (accepted values, meaning). The README table and `lowrank-compile options`
 # are generated from this, so the three never disagree.
@@ -50,6 +51,12 @@ OPTION_DOCS: dict[str, tuple[str, str]] = {
         "how the projector is refreshed: exact SVD of the gradient; single-pass randomized SVD "
         "(no full gradient kept under accumulation); or the best-aligned columns of a shared DCT basis",
     ),
+    "svd_signs": (
+        " | ".join(SVD_SIGNS),
+        "sign of each projector column from an SVD: canonical makes its largest entry positive, so the "
+        "projector does not depend on rounding (thread counts, DDP's averaging; README: Numerics); lapack "
+        "keeps torch.linalg.svd's signs, as GaLore does",
+    ),
     "adaptive_gap": ("bool", "Q-GaLore: a layer whose subspace stopped moving refreshes half as often"),
     "rotate_states": (
         "bool",
@@ -66,6 +73,11 @@ OPTION_DOCS: dict[str, tuple[str, str]] = {
         "width of the random sketch of the projection residual that lets clip_grad_norm_ estimate the "
         "2-norm of a gradient accumulated over several backward calls (README: Clipping); 0 = no sketch, "
         "and clip_grad_norm_ after accumulation raises LowRankClipError",
+    ),
+    "check_ranks": (
+        "bool",
+        "debug switch for data-parallel runs: after every update, compare each taken-over parameter and its "
+        "projector across ranks and raise LowRankDistributedError naming the first that differs",
     ),
     "state_bits": (
         "32 | 8",
@@ -93,10 +105,12 @@ class LowRankConfig:
     scale: float = 0.25
     proj_type: str = "std"
     projector: str = "svd"
+    svd_signs: str = "canonical"
     adaptive_gap: bool = False
     rotate_states: bool = False
     grad_accumulation: str = "projected"
     clip_sketch: int = 16
+    check_ranks: bool = False
     state_bits: int = 8
     min_dim: int = 32
     include: tuple[str, ...] = ()
@@ -166,7 +180,9 @@ def _validate(cfg: LowRankConfig) -> None:
         raise _fail("proj_type", cfg.proj_type)
     if cfg.projector not in PROJECTORS:
         raise _fail("projector", cfg.projector)
-    for name in ("adaptive_gap", "rotate_states"):
+    if cfg.svd_signs not in SVD_SIGNS:
+        raise _fail("svd_signs", cfg.svd_signs)
+    for name in ("adaptive_gap", "rotate_states", "check_ranks"):
         if not isinstance(getattr(cfg, name), bool):
             raise _fail(name, getattr(cfg, name))
     if cfg.grad_accumulation not in GRAD_ACCUMULATION:

@@ -36,8 +36,10 @@ class Owners:
     # `get_output_embeddings()`), and the parameters of those declared output layers.
     in_declaring_model: set[int] = field(default_factory=set)
     declared_outputs: set[int] = field(default_factory=set)
-    # Parameters trained under a data-parallel wrapper (DDP, FSDP), with the wrapper's class name.
+    # Parameters trained under a sharding wrapper (FSDP), with the wrapper's class name.
     wrappers: dict[int, str] = field(default_factory=dict)
+    # Parameters trained under DistributedDataParallel, with the DDP module (runtime/dist.py).
+    ddp: dict[int, nn.Module] = field(default_factory=dict)
 
     def declared_hidden(self, p: torch.Tensor) -> bool:
         """True when `p`'s model names its output layer and `p` is not in it."""
@@ -48,8 +50,12 @@ class Owners:
         return self.optimizers.get(id(p), [])
 
     def wrapper_of(self, p: torch.Tensor) -> str | None:
-        """The data-parallel wrapper `p` is trained under (see `distributed_wrapper`), or None."""
+        """The sharding wrapper `p` is trained under (FSDP, see `distributed_wrapper`), or None."""
         return self.wrappers.get(id(p))
+
+    def ddp_of(self, p: torch.Tensor) -> nn.Module | None:
+        """The DistributedDataParallel module `p` is trained under, or None."""
+        return self.ddp.get(id(p))
 
     def name_of(self, p: torch.Tensor, fallback: str) -> str:
         """The parameter's name in its outermost module, or `fallback`."""
@@ -106,7 +112,10 @@ def find_owners(params: Iterable[torch.Tensor]) -> Owners:
         if (kind := distributed_wrapper(m)) is not None:
             for p in m.parameters():
                 if wanted.get(id(p)) is p:
-                    owners.wrappers.setdefault(id(p), kind)
+                    if kind == DDP:
+                        owners.ddp.setdefault(id(p), m)
+                    else:
+                        owners.wrappers.setdefault(id(p), kind)
     for _, _, root in holds:
         for name, p in root.named_parameters(remove_duplicate=True):
             if wanted.get(id(p)) is p and id(p) not in owners.names:
@@ -116,9 +125,11 @@ def find_owners(params: Iterable[torch.Tensor]) -> Owners:
     return owners
 
 
-# Data-parallel wrappers whose gradient hooks need `.grad` (DDP's reducer all-reduces it; FSDP
-# reduce-scatters it). Matched by class name along the MRO, so torch.distributed is not imported.
-_WRAPPERS = ("DistributedDataParallel", "FullyShardedDataParallel", "FSDPModule")
+# Data-parallel wrappers, matched by class name along the MRO, so torch.distributed is not
+# imported. DDP's parameters are taken over and leave its Reducer (runtime/dist.py); FSDP's
+# gradient hooks need `.grad` (they reduce-scatter it), so its parameters stay with torch.optim.
+DDP = "DistributedDataParallel"
+_WRAPPERS = (DDP, "FullyShardedDataParallel", "FSDPModule")
 
 
 def distributed_wrapper(m: object) -> str | None:

@@ -117,7 +117,7 @@ class ParamInfo:
     param: torch.Tensor
     owners: Sequence[tuple[torch.optim.Optimizer, int]]
     role: str = "other"
-    wrapper: str | None = None  # the data-parallel wrapper it is trained under (DDP, FSDP), if any
+    wrapper: str | None = None  # the sharding wrapper it is trained under (FSDP), if any
 
 
 def _state_bytes(numel: int, elt: int, state_bits: int) -> int:
@@ -195,7 +195,7 @@ def plan_param(info: ParamInfo, config: LowRankConfig) -> ParamPlan:
         return decide(
             Kind.TORCH,
             f"trained under {info.wrapper}, whose gradient hooks need .grad (the backend does not "
-            "consume gradients under data-parallel wrappers)",
+            "consume gradients under sharding wrappers yet)",
             surprising=True,
         )
     if not info.owners:

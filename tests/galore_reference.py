@@ -28,9 +28,17 @@ def side_for(shape, proj_type):
     return "left" if big_rows else "right"
 
 
-def svd_basis(g, rank, side):
+def svd_basis(g, rank, side, signs="canonical"):
+    """GaLore's basis; "canonical" flips each column whose entry of largest magnitude is negative."""
     u, s, vh = torch.linalg.svd(g.float(), full_matrices=False)
-    return (u[:, :rank] if side == "left" else vh[:rank].t()).to(g.dtype)
+    p = u[:, :rank] if side == "left" else vh[:rank].t()
+    if signs == "canonical":
+        cols = []
+        for j in range(p.shape[1]):
+            c = p[:, j]
+            cols.append(-c if c[c.abs().argmax()] < 0 else c)
+        p = torch.stack(cols, dim=1)
+    return p.to(g.dtype)
 
 
 class GaLoreReference:

@@ -114,7 +114,8 @@ def test_matches_galore_torch_oracle():
             **hp,
         )
     co = torch.optim.AdamW(cm.parameters(), **hp)
-    opts = {"rank": 8, "update_gap": 5, "scale": 0.25, "state_bits": 32, "min_dim": 4}
+    # galore_torch keeps torch.linalg.svd's signs: "lapack" is that convention.
+    opts = {"rank": 8, "update_gap": 5, "scale": 0.25, "state_bits": 32, "min_dim": 4, "svd_signs": "lapack"}
     step = torch.compile(make_step(cm, co, mlp_loss), backend="lowrank", options=opts)
     for i in range(12):
         mlp_loss(gm_, _b64(i)).backward()

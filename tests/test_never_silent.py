@@ -1,8 +1,9 @@
 """A compiled graph that trains parameters of which the backend takes over none says so, once.
 
-Causes covered: a DDP-wrapped module (its reducer all-reduces `.grad`, which the backend would
-consume), an unsupported optimizer, and two optimizers listing the same parameters where
-neither visibly wraps the other; `lowrank_compile.bind(opt)` settles the last one.
+Causes covered: an unsupported optimizer, and two optimizers listing the same parameters where
+neither visibly wraps the other; `lowrank_compile.bind(opt)` settles the last one. A DDP-wrapped
+module, once refused here, is now taken over (both wrapping orders, world size 1; the 2-rank
+runs are tests/test_ddp.py).
 """
 
 from __future__ import annotations
@@ -52,34 +53,36 @@ def process_group(tmp_path):
 
 
 @pytest.mark.parametrize("order", ["compile(DDP(model))", "DDP(compile(model))"])
-def test_ddp_wrapped_module_warns_once_and_takes_over_nothing(process_group, order):
+def test_ddp_wrapped_module_is_taken_over_without_warnings(process_group, order):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.manual_seed(0)
     model = Net()
     ref = copy.deepcopy(model)
+    ddp = DDP(model)
     if order == "compile(DDP(model))":
-        run = torch.compile(DDP(model), backend="lowrank", options=OPTIONS)
+        run = torch.compile(ddp, backend="lowrank", options=OPTIONS)
     else:
-        run = DDP(torch.compile(model, backend="lowrank", options=OPTIONS))
+        ddp = DDP(torch.compile(model, backend="lowrank", options=OPTIONS))
+        run = ddp
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    ref_step = torch.compile(make_step(ref, ref_opt, mlp_loss), backend="lowrank", options=OPTIONS)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for i in range(3):
             mlp_loss(run, mlp_batch(i)).backward()
+            assert model.b.weight.grad is None  # consumed in the backward, not left to DDP's Reducer
             opt.step()
             opt.zero_grad()
-            mlp_loss(ref, mlp_batch(i)).backward()
-            ref_opt.step()
-            ref_opt.zero_grad()
-    msgs = _ours(caught)
-    assert len(msgs) == 1, msgs
-    assert "takes over none" in msgs[0] and "DistributedDataParallel" in msgs[0] and "b.weight" in msgs[0]
-    plan = lowrank_compile.current_plan()
-    assert plan.params and all(pp.kind is Kind.TORCH for pp in plan.params)  # b.weight was a candidate
-    assert all(lookup(p) is None for p in model.parameters())
-    # Nothing silently wrong: DDP trained as eager AdamW (world size 1; Inductor vs eager ~1e-7).
+            ref_step(mlp_batch(i))
+    # Only the compiled model's own ambiguity: its graph computes no loss, so c.weight may be a
+    # hidden layer before a graph break (see roles.py). Nothing about DDP.
+    assert all("cannot tell whether c.weight" in m for m in _ours(caught)), _ours(caught)
+    assert lookup(model.b.weight) is not None and lookup(model.b.weight).projected
+    assert any(n.endswith("b.weight") for n in ddp.parameters_to_ignore)  # out of the Reducer
+    # World size 1: averaging is the identity, so this is single-process lowrank (Inductor's
+    # fusions differ between the graphs: ~1e-7).
     err, where = worst_rel_err(model, ref)
     assert err < 1e-5, (err, where)
 

@@ -78,6 +78,7 @@ class GradSlot:
     sketch_k: int = 0  # sketch width k (sketch mode)
     clip_k: int = 0  # width of the clip residual sketch (project/sketch/refresh modes; 0 = none)
     name: str = ""  # the parameter's name (refresh mode: names it in warnings)
+    signs: str = "canonical"  # refresh mode: the SVD's sign convention (projector.svd_projector)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -158,11 +159,12 @@ def consume_refresh(
     rank: int,
     left: bool,
     name: str,
+    signs: str,
 ) -> None:
     """P = refresh_projector(G, ...) into `dst`; then R += proj(G) with that P, as consume_project."""
     from lowrank_compile.runtime.refresh_op import refresh_projector
 
-    new = refresh_projector(g, code, src, basis, rank, left, name)
+    new = refresh_projector(g, code, src, basis, rank, left, name, signs)
     dst.copy_(new)
     proj = basis[:, new] if basis.numel() else new
     consume_project(g, fresh, proj, rgrad, sq, amax, *clip_bufs, left=left, clip=bool(clip_bufs))
@@ -263,7 +265,9 @@ class ConsumeGradients(GraphPass):
                     placeholder(slot, "amax", (), stat_dt, dev),
                     *clip_inputs(slot, d, e, dt, acc_dt, stat_dt, dev),
                 ]
-                refresh = functools.partial(consume_refresh, rank=r, left=left, name=slot.name)
+                refresh = functools.partial(
+                    consume_refresh, rank=r, left=left, name=slot.name, signs=slot.signs
+                )
                 _inline(graph, grad, refresh, args, fake_mode)
             else:
                 r, left = slot.rank, slot.side == "left"

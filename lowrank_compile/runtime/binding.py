@@ -326,13 +326,34 @@ class OptimizerBinding:
                     self.backend.take_over_late(p, ParamInfo(pp.name, p, [(opt, gi)], pp.role))
 
     def fold_stray_grads(self) -> None:
-        """Move into the buffers any `.grad` that an uncompiled backward left on a planned param."""
+        """Bring the buffers up to date before they are read (step, clipping, GradScaler's unscale).
+
+        Moves into the buffers any `.grad` that an uncompiled backward left on a planned
+        parameter, then, under DDP, waits for the reductions in flight and reduces what no
+        synchronised backward did (runtime/dist.py).
+        """
+        folded = []
         for st in self.states:
             p = st.param
             if p is not None and p.grad is not None:
                 with torch.no_grad():
                     st.accumulate(p.grad)
                 p.grad = None
+                folded.append(st.plan.name)
+        if folded:
+            from lowrank_compile.backend import _shown
+            from lowrank_compile.backend import warn_once
+
+            warn_once(
+                f"lowrank: {_shown(folded)} received .grad from a backward the backend did not compile "
+                "(an uncompiled backward, or a frame Dynamo ran eagerly, e.g. under a TorchDispatchMode); "
+                "it is folded into the backend's buffers: correct, but that backward saved no memory."
+            )
+        if any(st.dp is not None for st in self.states):
+            from lowrank_compile.runtime import dist
+
+            with torch.no_grad():
+                dist.settle(self.states)
 
     def update(self) -> None:
         """Apply the optimizer's rule to every planned parameter that has a gradient."""
@@ -360,6 +381,10 @@ class OptimizerBinding:
                     if it.st.proj is not None:
                         refresh.after_update(it.st)
         self.update_calls += 1
+        if self.config.check_ranks:
+            from lowrank_compile.runtime import dist
+
+            dist.check_ranks(self.states)
 
     # ----------------------------------------------------------------- rules and storage
     def _rule_for(self, st: ParamState) -> Rule:

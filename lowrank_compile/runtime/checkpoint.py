@@ -282,7 +282,7 @@ def _into_projection(st: Any, states: dict[str, Any]) -> dict[str, Any]:
         pj.index.copy_(pm.dct_indices(first.float(), pj.basis.float(), pj.rank, pj.side))
         new = pj.basis.index_select(1, pj.index).float()
     else:
-        new = pm.svd_projector(first.float(), pj.rank, pj.side)
+        new = pm.svd_projector(first.float(), pj.rank, pj.side, st.config.svd_signs)
         pj.p.copy_(new.to(pj.p.dtype))
     pj.has_p = True
     pj.pending_p = None

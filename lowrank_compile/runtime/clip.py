@@ -181,7 +181,7 @@ def _norm_of(st: Any, norm_type: float, variances: list[torch.Tensor], estimated
     if full is not None:
         return torch.linalg.vector_norm(full, norm_type)
     pj = st.proj
-    if st.calls_since_zero > 1:
+    if st.contributions() > 1:
         off = st.config.clip_sketch == 0
         if off or norm_type != 2.0:
             why = (
@@ -191,7 +191,7 @@ def _norm_of(st: Any, norm_type: float, variances: list[torch.Tensor], estimated
             )
             raise LowRankClipError(
                 f"clip_grad_norm_: {st.plan.name} is projected and its gradient was accumulated over "
-                f"{st.calls_since_zero} backward calls in low-rank form, and {why}. Use norm_type=2.0 with "
+                f"{_contributions(st)} in low-rank form, and {why}. Use norm_type=2.0 with "
                 "options={'clip_sketch': 16} (the default), or options={'grad_accumulation': 'full'} to keep "
                 "full-size gradient buffers while accumulating (eager-size memory, exact for every norm), or "
                 "exclude the parameter (options={'exclude': [...]})."
@@ -221,9 +221,14 @@ def _scale(st: Any, coef: torch.Tensor) -> None:
     for t in (pj.r_acc, pj.full, pj.sketch_y, pj.clip_y):
         if t is not None:
             t.mul_(coef.to(t.dtype))
-    for t in st.quadratic_buffers():
+    for t in st.quadratic_buffers() + list(st.quad_base or ()):
         t.mul_((coef * coef).to(t.dtype))
     pj.amax.mul_(coef.abs().to(pj.amax.dtype))
+
+
+def _contributions(st: Any) -> str:
+    calls = f"{st.calls_since_zero} backward call{'s' if st.calls_since_zero != 1 else ''}"
+    return calls + (f" on each of {st.reduced_world} ranks" if st.reduced_world > 1 else "")
 
 
 def clip_grad_norm_(

@@ -34,6 +34,7 @@ __all__ = [
     "project",
     "project_back",
     "random_orthonormal",
+    "canonical_signs",
     "range_finder",
     "sketch_sizes",
     "svd_projector",
@@ -70,15 +71,35 @@ def _as_a(g: torch.Tensor, side: Side) -> torch.Tensor:
     return g if side == "left" else g.t()
 
 
-def svd_projector(g: torch.Tensor, rank: int, side: Side) -> torch.Tensor:
+SIGNS = ("canonical", "lapack")
+
+
+def canonical_signs(p: torch.Tensor) -> torch.Tensor:
+    """`p` with each column's sign chosen so that its largest-magnitude entry is positive.
+
+    LAPACK's signs are not a continuous function of the matrix: on a 512 x 512 gradient of
+    rank 64, averaging it over 2 ranks instead of computing it from the joint batch (a 1e-7
+    relative change) flipped 7 of 16 columns, and so did changing the thread count. GaLore does
+    not rotate states at a refresh, so a flip changes the trajectory. The largest entry's sign
+    only changes when two entries' magnitudes tie.
+    """
+    idx = p.abs().argmax(dim=0, keepdim=True)
+    s = torch.sign(p.gather(0, idx))
+    return p * torch.where(s == 0, torch.ones_like(s), s)
+
+
+def svd_projector(g: torch.Tensor, rank: int, side: Side, signs: str = "canonical") -> torch.Tensor:
     """The top-`rank` singular vectors of `g` on `side` (fp32). Raises on failure or non-finite output.
 
     Taken from one `svd(G)`, as GaLore does (left: U[:, :r], right: Vh[:r]^T), not from an SVD of G^T.
-    The signs of singular vectors depend on which matrix is decomposed. GaLore does not rotate
-    states at a refresh, so a sign flip would change the trajectory.
+    `signs`: "lapack" keeps the signs torch.linalg.svd returns (GaLore's, bit for bit on one
+    machine); "canonical" applies `canonical_signs`, so the projector does not depend on
+    rounding (thread counts, data-parallel averaging).
     """
     u, _, vh = torch.linalg.svd(g.float(), full_matrices=False)
     p = (u[:, :rank] if side == "left" else vh[:rank].t()).contiguous()
+    if signs == "canonical":
+        p = canonical_signs(p).contiguous()
     if not torch.isfinite(p).all():
         raise torch.linalg.LinAlgError("SVD produced non-finite singular vectors")
     return p
@@ -95,10 +116,15 @@ def sketch_sizes(rank: int, short: int, long: int) -> int:
     return min(short, 2 * rank)
 
 
-def range_finder(y: torch.Tensor, rank: int) -> torch.Tensor:
-    """P (d x r): the top-`rank` left singular vectors of the sketch Y = A Omega (fp32)."""
+def range_finder(y: torch.Tensor, rank: int, signs: str = "canonical") -> torch.Tensor:
+    """P (d x r): the top-`rank` left singular vectors of the sketch Y = A Omega (fp32).
+
+    `signs` as in `svd_projector`.
+    """
     u, _, _ = torch.linalg.svd(y.float(), full_matrices=False)
     p = u[:, :rank].contiguous()
+    if signs == "canonical":
+        p = canonical_signs(p).contiguous()
     if not torch.isfinite(p).all():
         raise torch.linalg.LinAlgError("randomized range finder produced non-finite values")
     return p

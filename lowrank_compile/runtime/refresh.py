@@ -64,7 +64,7 @@ def _new_projector_from_full(st: ParamState, g: torch.Tensor) -> torch.Tensor | 
             return None
         return pm.dct_indices(g, pj.basis, pj.rank, pj.side)
     try:
-        return pm.svd_projector(g, pj.rank, pj.side)
+        return pm.svd_projector(g, pj.rank, pj.side, st.config.svd_signs)
     except (torch.linalg.LinAlgError, RuntimeError) as err:
         if pj.has_p:
             _warn_once(f"lowrank: SVD failed for {st.plan.name} ({err}); keeping the previous projector")
@@ -178,7 +178,7 @@ def _refresh_randomized(st: ParamState) -> None:
     pj = st.proj
     assert pj is not None and pj.sketch_y is not None
     try:
-        p_new = pm.range_finder(pj.sketch_y, pj.rank)
+        p_new = pm.range_finder(pj.sketch_y, pj.rank, st.config.svd_signs)
     except (torch.linalg.LinAlgError, RuntimeError) as err:
         _warn_once(f"lowrank: randomized refresh failed for {st.plan.name} ({err}); keeping the projector")
         p_new = None

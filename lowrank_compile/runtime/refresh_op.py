@@ -14,6 +14,9 @@ choice stay plain eager code. `code` (a 0-d int64 tensor) says what to do:
   range finder;
 - 2: refresh from `g`; a failed SVD keeps `src`, the previous projector.
 
+Under DDP (runtime/dist.py) the code also names the data-parallel group, `with_group`: the
+gradient is averaged over its ranks before the refresh, so every rank chooses the same projector.
+
 A failure is recorded under (`name`, the address of `src`), for `prepare` to see (and warn
 about): `src` is the parameter's own projector at a refresh, so two models with the same
 parameter names never see each other's failures.
@@ -25,9 +28,24 @@ import torch
 
 from lowrank_compile.runtime import projector as pm
 
-__all__ = ["PASS", "REFRESH", "REFRESH_FIRST", "failed", "refresh_projector", "refresh_projector_ref"]
+__all__ = [
+    "PASS",
+    "REFRESH",
+    "REFRESH_FIRST",
+    "failed",
+    "refresh_projector",
+    "refresh_projector_ref",
+    "with_group",
+]
 
 PASS, REFRESH_FIRST, REFRESH = 0, 1, 2
+_GROUP_STRIDE = 4  # code = base + _GROUP_STRIDE * (data-parallel group index + 1)
+
+
+def with_group(code: int, gid: int) -> int:
+    """`code`, also asking to average the gradient over data-parallel group `gid` first."""
+    return code + _GROUP_STRIDE * (gid + 1)
+
 
 _FAILED: dict[tuple[str, int], str] = {}
 
@@ -53,24 +71,43 @@ def _fallback(g: torch.Tensor, rank: int, left: bool) -> torch.Tensor:
 
 
 def refresh_projector_ref(
-    g: torch.Tensor, code: int, src: torch.Tensor, basis: torch.Tensor, rank: int, left: bool, name: str
+    g: torch.Tensor,
+    code: int,
+    src: torch.Tensor,
+    basis: torch.Tensor,
+    rank: int,
+    left: bool,
+    name: str,
+    signs: str = "canonical",
 ) -> torch.Tensor:
     """The refresh in plain torch: the new projector (d x r, or dct's r indices) or `src`.
 
     Always a new contiguous tensor (the fake kernel promises that layout).
     """
     return (
-        _refresh(g, code, src, basis, rank, left, name)
+        _refresh(g, code, src, basis, rank, left, name, signs)
         .to(src.dtype)
         .clone(memory_format=torch.contiguous_format)
     )
 
 
 def _refresh(
-    g: torch.Tensor, code: int, src: torch.Tensor, basis: torch.Tensor, rank: int, left: bool, name: str
+    g: torch.Tensor,
+    code: int,
+    src: torch.Tensor,
+    basis: torch.Tensor,
+    rank: int,
+    left: bool,
+    name: str,
+    signs: str,
 ) -> torch.Tensor:
+    code, gid = code % _GROUP_STRIDE, code // _GROUP_STRIDE - 1
     if code == PASS:
         return src
+    if gid >= 0:
+        from lowrank_compile.runtime import dist
+
+        g = dist.average_(g, gid)
     side: pm.Side = "left" if left else "right"
     if basis.numel():  # dct: the best-aligned columns of the shared basis
         if not torch.isfinite(g).all():
@@ -78,7 +115,7 @@ def _refresh(
             return src
         return pm.dct_indices(g, basis, rank, side)
     try:
-        return pm.svd_projector(g, rank, side)
+        return pm.svd_projector(g, rank, side, signs)
     except (torch.linalg.LinAlgError, RuntimeError) as err:
         _FAILED[(name, src.data_ptr())] = str(err).splitlines()[0] if str(err) else type(err).__name__
         if code == REFRESH:
@@ -95,11 +132,12 @@ def refresh_projector(
     rank: int,
     left: bool,
     name: str,
+    signs: str,
 ) -> torch.Tensor:
     """The op the backward graph calls; see the module docstring."""
-    return refresh_projector_ref(g, int(code.item()), src, basis, rank, left, name)
+    return refresh_projector_ref(g, int(code.item()), src, basis, rank, left, name, signs)
 
 
 @refresh_projector.register_fake
-def _(g, code, src, basis, rank, left, name):  # noqa: ANN001, ANN202 (the op's signature)
+def _(g, code, src, basis, rank, left, name, signs):  # noqa: ANN001, ANN202 (the op's signature)
     return src.new_empty(src.shape)

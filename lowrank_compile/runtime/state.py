@@ -138,6 +138,18 @@ class ParamState:
     # Saved in checkpoints, so a resumed run rounds as the uninterrupted one.
     rounds: int = 0
     _salt: torch.Tensor | None = None
+    # Data-parallel reduction (runtime/dist.py): the DDP group, whether the buffers hold
+    # contributions no reduction has summed yet or that one is in flight, over how many ranks
+    # the window's gradient was averaged, and the sums of squares after the last reduction.
+    dp: Any = None
+    unreduced: bool = False
+    in_flight: bool = False
+    reduced_world: int = 1
+    quad_base: list[torch.Tensor] | None = None
+
+    def contributions(self) -> int:
+        """How many gradients the buffers sum (backward calls, times ranks once reduced)."""
+        return self.calls_since_zero * self.reduced_world
 
     def salt_tensor(self) -> torch.Tensor:
         """`rounds` as a (1,) int64 tensor on the parameter's device (a graph input, no recompiles)."""
@@ -237,6 +249,8 @@ class ParamState:
             code = refresh_op.PASS
             if due and not pj.bwd_refreshed:
                 code = refresh_op.REFRESH if pj.has_p else refresh_op.REFRESH_FIRST
+                if self.dp is not None:  # average the gradient over the ranks first
+                    code = refresh_op.with_group(code, self.dp.gid)
                 pj.bwd_refreshed = True
                 if pj.refresh_buf is None:
                     pj.refresh_buf = torch.empty_like(current)
@@ -352,6 +366,8 @@ class ParamState:
                 )
         self.fresh = False
         self.calls_since_zero += 1
+        if self.dp is not None:
+            self.unreduced = True
 
     def gradient_buffers(self) -> list[torch.Tensor]:
         """The buffers linear in this step's gradient, for loss-scale unscaling and inf checks.
@@ -375,6 +391,10 @@ class ParamState:
 
     def zero_grad(self, set_to_none: bool) -> None:
         """Eager `zero_grad` semantics: forget the gradient, or zero it when there is one."""
+        if self.dp is not None:
+            from lowrank_compile.runtime import dist
+
+            dist.discard(self)
         if self.fresh:
             return
         self.calls_since_zero = 0

@@ -69,7 +69,7 @@ def _unscale_grads_(
             # The op torch uses for .grad: sets found_inf on inf/NaN, multiplies by inv_scale.
             torch._amp_foreach_non_finite_check_and_unscale_(bufs, per_device[dev], inv_scale.to(dev))
         for st in active:
-            for sq in st.quadratic_buffers():  # a sum of squares scales by inv_scale squared
+            for sq in st.quadratic_buffers() + list(st.quad_base or ()):  # scale by inv_scale squared
                 sq.mul_(inv_scale.to(sq.device, sq.dtype).square())
     return per_device
 
