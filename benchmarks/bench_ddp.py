@@ -6,14 +6,16 @@ One HF Llama (vocab 256), the same seed and data for every contender, on each of
 (`torch.multiprocessing.spawn`, one thread per rank):
 
 - eager DDP with AdamW (the Reducer all-reduces every gradient);
+- DDP with the forward compiled by Inductor (the same compiled region as lowrank's), AdamW;
 - DDP with PowerSGD (torch's `powerSGD_hook`, matrix_approximation_rank 4, error feedback,
   compression from step 2), AdamW;
 - lowrank (defaults: rank 1/4, 8-bit states, svd refresh every 200 steps), the forward compiled,
   AdamW: projected matrices leave the Reducer and the backend all-reduces R (runtime/dist.py).
 
 Bytes: every tensor handed to a `c10d` op from the backward to the end of the step, counted by a
-TorchDispatchMode (it sees DDP's Reducer and the comm hook as well as Python calls), in a steady
-step (no svd refresh, PowerSGD compressing). Step time: the median of `--steps` steps after
+TorchDispatchMode (it sees DDP's Reducer and Python calls on the training thread), plus
+`dist.all_reduce` calls from other threads (PowerSGD's callbacks), in a steady step (no svd
+refresh, PowerSGD compressing). Step time: the median of `--steps` steps after
 warm-up, the contenders' steps interleaved in one process pair.
 """
 
@@ -25,6 +27,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -34,16 +37,43 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
+def _nbytes(x: object) -> int:
+    ts = x if isinstance(x, (list, tuple)) else [x]
+    return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
+
+
 class Bytes(TorchDispatchMode):
+    """c10d ops dispatched on this thread, plus Python collectives called from other threads.
+
+    A dispatch mode is thread-local: PowerSGD's later all-reduces run in future callbacks on the
+    process group's threads, where only the Python-level `dist.all_reduce` wrapper sees them.
+    """
+
     def __init__(self) -> None:
         super().__init__()
         self.n = 0
+        self._thread = threading.get_ident()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace in ("c10d", "_c10d_functional") and "barrier" not in func.__name__:
-            ts = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
-            self.n += sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
+            self.n += _nbytes(args[0])
         return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        original = dist.all_reduce
+
+        def all_reduce(tensor, *args, **kwargs):
+            if threading.get_ident() != self._thread:
+                self.n += _nbytes(tensor)
+            return original(tensor, *args, **kwargs)
+
+        self._original = original
+        dist.all_reduce = all_reduce
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self._original
+        return super().__exit__(*exc)
 
 
 def _worker(rank: int, store: str, a: argparse.Namespace, out: str) -> None:
@@ -66,7 +96,7 @@ def _worker(rank: int, store: str, a: argparse.Namespace, out: str) -> None:
     )
     base = LlamaForCausalLM(cfg)
     runs = {}
-    for name in ("eager DDP", "DDP + PowerSGD rank 4", "lowrank"):
+    for name in ("eager DDP", "DDP + PowerSGD rank 4", "DDP + Inductor", "lowrank"):
         model = copy.deepcopy(base)
         ddp = DDP(model)
         if name.startswith("DDP + PowerSGD"):
@@ -75,11 +105,13 @@ def _worker(rank: int, store: str, a: argparse.Namespace, out: str) -> None:
         fwd = (lambda d: lambda ids: d(input_ids=ids, labels=ids).loss)(ddp)
         if name == "lowrank":
             fwd = torch.compile(fwd, backend="lowrank")
+        elif name == "DDP + Inductor":
+            fwd = torch.compile(fwd)
         runs[name] = (model, fwd, torch.optim.AdamW(model.parameters(), lr=1e-3), [], [])
     gen = torch.Generator().manual_seed(1 + rank)
     for step in range(a.steps + 3):
         ids = torch.randint(0, 256, (a.batch, a.seq), generator=gen)
-        for _, (model, fwd, opt, times, nbytes) in runs.items():
+        for _model, fwd, opt, times, nbytes in runs.values():
             t0 = time.perf_counter()
             loss = fwd(ids)
             counter = Bytes()

@@ -190,6 +190,89 @@ def scenario_checkpoint(rank: int, out: str, resume: bool) -> None:
     torch.save(params, os.path.join(out, f"ckpt_{'resumed' if resume else 'full'}.{rank}.pt"))
 
 
+def scenario_projector(rank: int, out: str, projector: str) -> None:
+    """randomized / dct under DDP with optimize_ddp=False (one graph, real parameters) and check_ranks."""
+    torch._dynamo.config.optimize_ddp = False
+    try:
+        model = MLP()
+        ddp = DDP(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        options = {**MLP_OPTS, "projector": projector, "check_ranks": True}
+
+        @torch.compile(backend="lowrank", options=options)
+        def step_fn(x):
+            mlp_loss(ddp, x).backward()
+
+        for i in range(MLP_STEPS):
+            step_fn(shard(mlp_micro(i, 0), rank))
+            opt.step()
+            opt.zero_grad()
+    finally:
+        torch._dynamo.config.optimize_ddp = True
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.save(params, os.path.join(out, f"proj_{projector}.{rank}.pt"))
+
+
+def scenario_scaler(rank: int, out: str) -> None:
+    """GradScaler: an inf on rank 1 only makes every rank skip that step and lower the scale."""
+    model = MLP()
+    ddp = DDP(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+    @torch.compile(backend="lowrank", options=MLP_OPTS)
+    def step_fn(x):
+        scaler.scale(mlp_loss(ddp, x)).backward()
+
+    snapshots, scales = [], []
+    for i in range(4):
+        x = shard(mlp_micro(i, 0), rank)
+        if i == 2 and rank == 1:
+            x = x.clone()
+            x[0, 0] = float("inf")
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        step_fn(x)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        snapshots.append(all(torch.equal(before[n], p) for n, p in model.named_parameters()))
+        scales.append(float(scaler.get_scale()))
+    report = {
+        "unchanged": snapshots,
+        "scales": scales,
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "taken": sorted(n for n, p in model.named_parameters() if lookup(p) is not None),
+    }
+    torch.save(report, os.path.join(out, f"scaler.{rank}.pt"))
+
+
+def scenario_diverged(rank: int, out: str) -> None:
+    """check_ranks: a parameter changed on rank 1 only is reported on every rank, by name."""
+    from lowrank_compile.runtime.dist import LowRankDistributedError
+
+    model = MLP()
+    ddp = DDP(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    @torch.compile(backend="lowrank", options={**MLP_OPTS, "check_ranks": True})
+    def step_fn(x):
+        mlp_loss(ddp, x).backward()
+
+    message = None
+    for i in range(3):
+        step_fn(shard(mlp_micro(i, 0), rank))
+        if i == 1 and rank == 1:
+            with torch.no_grad():
+                model.b.weight[0, 0] += 1e-3
+        try:
+            opt.step()
+        except LowRankDistributedError as err:
+            message = str(err)
+            break
+        opt.zero_grad()
+    torch.save({"message": message, "step": i}, os.path.join(out, f"diverged.{rank}.pt"))
+
+
 SCENARIOS = {
     "llama8": lambda r, o: scenario_llama(r, o, 8),
     "llama32": lambda r, o: scenario_llama(r, o, 32),
@@ -200,6 +283,10 @@ SCENARIOS = {
     # Defaults: projected accumulation; the clip norm of several contributions is an estimate.
     "accum_default": lambda r, o: scenario_accumulate(r, o, MLP_OPTS, 1e6, "accum_default"),
     "ckpt_full": lambda r, o: scenario_checkpoint(r, o, False),
+    "proj_randomized": lambda r, o: scenario_projector(r, o, "randomized"),
+    "proj_dct": lambda r, o: scenario_projector(r, o, "dct"),
+    "scaler": scenario_scaler,
+    "diverged": scenario_diverged,
     "ckpt_resumed": lambda r, o: scenario_checkpoint(r, o, True),
 }
 

@@ -20,7 +20,17 @@ from lowrank_compile.runtime.state import lookup
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-FIRST = ["llama8", "llama32", "accum_full", "accum_default", "ckpt_full"]
+FIRST = [
+    "llama8",
+    "llama32",
+    "accum_full",
+    "accum_default",
+    "ckpt_full",
+    "proj_randomized",
+    "proj_dct",
+    "scaler",
+    "diverged",
+]
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +178,48 @@ def test_checkpoint_under_ddp_resumes_identically(runs):
     for a, b in zip(full, resumed):
         assert _rel(b, a) <= 1e-6
     assert all(torch.equal(resumed[0][n], resumed[1][n]) for n in resumed[0])
+
+
+@pytest.mark.parametrize("projector", ["randomized", "dct"])
+def test_randomized_and_dct_under_ddp_without_ddp_optimizer(runs, projector):
+    """optimize_ddp=False (one graph, real parameters) and check_ranks on every update.
+
+    randomized: P from the averaged sketch; dct: columns chosen from the averaged gradient. Both
+    equal the single process on the joint batch; bound 1e-5 as above.
+    """
+    r0, r1 = runs(f"proj_{projector}")
+    lowrank_compile.reset()
+    torch.manual_seed(0)
+    model = W.MLP()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    step_fn = torch.compile(
+        lambda x: W.mlp_loss(model, x).backward(),
+        backend="lowrank",
+        options={**W.MLP_OPTS, "projector": projector},
+    )
+    for i in range(W.MLP_STEPS):
+        step_fn(W.mlp_micro(i, 0))
+        opt.step()
+        opt.zero_grad()
+    assert lookup(model.a.weight).projected and lookup(model.a.weight).proj.method == projector
+    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert all(torch.equal(r0[n], r1[n]) for n in ref)
+    assert _rel(r0, ref) <= 1e-5
+
+
+def test_grad_scaler_skips_on_every_rank_when_one_rank_overflows(runs):
+    """An inf in rank 1's batch at step 2: the averaged buffers carry it to both ranks."""
+    r0, r1 = runs("scaler")
+    for rep in (r0, r1):
+        assert "a.weight" in rep["taken"]
+        assert rep["unchanged"] == [False, False, True, False]  # step 2 skipped, on both ranks
+        assert rep["scales"][2] == rep["scales"][1] / 2  # and the scale backed off on both
+    assert r0["scales"] == r1["scales"]
+    assert all(torch.equal(r0["params"][n], r1["params"][n]) for n in r0["params"])
+
+
+def test_check_ranks_names_a_parameter_that_differs(runs):
+    """b.weight changed on rank 1 after step 1: both ranks raise at that update, naming it."""
+    for rep in runs("diverged"):
+        assert rep["step"] == 1
+        assert rep["message"] is not None and "'b.weight'" in rep["message"] and "parameter" in rep["message"]
