@@ -181,12 +181,21 @@ def inspect_report(steps_run: int, timeline: dict[str, Any] | None = None) -> di
                     ],
                 }
             )
+    from lowrank_compile.backend import all_bindings
+
+    retraces = [
+        {"optimizer": type(b.opt).__name__, **r}
+        for b in all_bindings()
+        if b._opt_ref() is not None
+        for r in b.retraces
+    ]
     plan = lowrank_compile.current_plan()
     ours, eager = plan.state_bytes()
     return {
         "optimizer_steps": steps_run,
         "graphs": graphs,
         "graph_breaks": {k.splitlines()[0]: v for k, v in counters["graph_break"].items()},
+        "hyper_parameter_retraces": retraces,
         "plan": [
             {
                 "name": p.name,
@@ -221,6 +230,14 @@ def _print_report(rep: dict[str, Any]) -> None:
         status = "backward rewritten" if g["backward_rewritten"] else (g["fallback"] or "no backward rewrite")
         sizes = f"{g['inputs']} inputs, {g['parameters']} parameters, {g['planned']} planned"
         print(f"  graph {g['graph']}: {sizes}; {status}")
+    retraces = rep.get("hyper_parameter_retraces") or []
+    if retraces:
+        print(f"== {len(retraces)} update recompile(s) caused by hyper-parameter changes")
+        for r in retraces:
+            what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in r["changes"])
+            print(f"  {r['optimizer']} group {r['group']} before update {r['update']}: {what}")
+    else:
+        print("== no update recompiles caused by hyper-parameter changes")
     if rep["graph_breaks"]:
         print("== graph breaks")
         for reason, n in rep["graph_breaks"].items():

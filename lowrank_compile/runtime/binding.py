@@ -21,7 +21,9 @@ States are stored per parameter (`ParamState.ostate`). With `state_bits=8`, stat
 values are block-wise 8-bit (`runtime/quant.py`): the compiled update dequantizes them, runs the
 rule, and quantizes the result, all inside one graph that Inductor fuses. The whole update is one
 function, compiled once by torch.compile and Inductor, with a private code object (its own Dynamo
-cache). `lr` is a 0-d float64 tensor per param group, so schedulers cause no recompiles.
+cache). `lr`, the weight decay and the rule's lifted hyper-parameters (runtime/rules.py) are
+float64 tensors filled from the param group at every update, so schedulers that change lr, betas,
+momentum or weight decay cause no recompiles.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ class _Item:
     st: ParamState
     rule: Rule
     lr: torch.Tensor
-    wd: float  # projected: the decay the backend applies (decoupled on W, or L2 folded into R)
+    wd: float  # the decay the backend applies (decoupled on W, or L2 added to the gradient)
+    hps: torch.Tensor | None = None  # (k,) float64: the rule's lifted hyper-parameters (rules.py)
     first: bool = True  # the next update is the parameter's first (the rule's `first` runs)
     active: bool = False  # it has a gradient this step
 
@@ -120,6 +123,7 @@ def _update_one(
     grad: torch.Tensor,
     lr1: torch.Tensor,
     wd1: torch.Tensor,
+    hps: torch.Tensor,
     basis: torch.Tensor | None,
     index: torch.Tensor | None,
     virtual: torch.Tensor | None,
@@ -128,15 +132,19 @@ def _update_one(
 ) -> None:
     """One parameter's update: its rule on the backend's tensors, states loaded and stored.
 
-    `sig` = (rule, first, projected, side, decoupled, dct, scale, layout, as_blocks): constants
-    Dynamo guards on. `layout` says how each state is stored: ("q", signed, sqrt) 8-bit codes + absmax,
-    ("s",) a float64 step counter, ("t",) a plain tensor. Full-rank parameters update `w` from
-    `grad`. Projected ones run the rule on `virtual` (zeroed) from R = `grad`, then apply
-    W <- W * (1 - lr * wd) + back(scale * v). Without decoupled decay, wd * proj(W) is added to
-    R instead (L2). `salt` (int64, 1 element) is the parameter's update counter: it seeds the
-    stochastic rounding of the 8-bit settle rule (runtime/quant.py).
+    `sig` = (rule, first, projected, side, decay, dct, scale, layout, as_blocks): constants
+    Dynamo guards on. `decay`: None, "decoupled" (W <- W (1 - lr wd)), "l2" (G + wd W) or
+    "l2-max" (G - wd W: the rule negates a maximized gradient, torch adds the decay after that).
+    `hps` holds the rule's lifted hyper-parameters (Adam's betas, ...), read as 0-d views.
+    `layout` says how each state is stored: ("q", signed, sqrt) 8-bit codes + absmax, ("s",) a
+    float64 step counter, ("t",) a plain tensor. Full-rank parameters update `w` from `grad`,
+    with the decay applied before the rule, as torch.optim applies it. Projected ones run the
+    rule on `virtual` (zeroed) from R = `grad`, then apply W <- W * (1 - lr * wd) +
+    back(scale * v); an L2 decay adds wd * proj(W) to R instead. `salt` (int64, 1 element) is
+    the parameter's update counter: it seeds the stochastic rounding of the 8-bit settle rule
+    (runtime/quant.py).
     """
-    rule, first, projected, side, decoupled, dct, scale, layout, as_blocks = sig
+    rule, first, projected, side, decay, dct, scale, layout, as_blocks = sig
     stores: list[list[torch.Tensor]] = []
     i = 0
     for kind in layout:
@@ -145,37 +153,47 @@ def _update_one(
         i += n
     lr = lr1.view(())
     wd = wd1.view(())
+    hv = [hps[i] for i in range(len(rule.hp_keys))]
+    sign = -1.0 if decay == "l2-max" else 1.0
     if projected:
         assert basis is not None and virtual is not None
         pmat = basis.index_select(1, cast(torch.Tensor, index)) if dct else basis
         pmat = pmat.to(w.dtype)
         virtual.zero_()
         target = virtual
-        if not decoupled:
-            grad = grad + wd * pm.project(w, pmat, side).to(grad.dtype)
+        if decay in ("l2", "l2-max"):
+            grad = grad + (sign * wd) * pm.project(w, pmat, side).to(grad.dtype)
     else:
         target = w
     shape = (-1, quant.BLOCK) if as_blocks else (-1,)
     # bf16/fp16 parameters: the rule computes in fp32, the result is rounded back once.
     cdt = compute_dtype(target.dtype)
     p, g = target.view(shape).to(cdt), grad.reshape(shape).to(cdt)
+    # The settle rule looks at the elements without a gradient: before a full-rank L2 decay.
+    settle = g == 0
+    if not projected:
+        # torch.optim's order: the decay first (on the compute-dtype copy, rounded once with the
+        # update), then the rule.
+        if decay == "decoupled":
+            p.mul_(1 - lr * wd)
+        elif decay in ("l2", "l2-max"):
+            g = g + (sign * wd) * p
     if first:
-        for store, kind, value in zip(stores, layout, rule.first(p, g, lr)):
+        for store, kind, value in zip(stores, layout, rule.first(p, g, lr, *hv)):
             _save(store, kind, value, as_blocks)
     else:
         values = [_load(store, kind, as_blocks, target.numel()) for store, kind in zip(stores, layout)]
         # The signed 8-bit states before the rule mutates them, for the settle rule: elements
         # without a gradient decay toward zero instead of sticking at a code (runtime/quant.py).
         olds = [v.clone() if kind[0] == "q" and kind[1] else None for v, kind in zip(values, layout)]
-        rule.step(p, g, lr, *values)
-        settle = g == 0
+        rule.step(p, g, lr, *hv, *values)
         for store, kind, value, old in zip(stores, layout, values, olds):
             if kind[0] == "q":
                 _save(store, kind, value, as_blocks, old, settle, salt)
     if p.dtype != target.dtype:
         target.view(shape).copy_(p)
     if projected:
-        if decoupled:
+        if decay == "decoupled":
             w.mul_(1 - lr * wd)
         # Scale the small R-shaped tensor, not through `alpha`: Inductor's add(mm) <-> addmm
         # rewrites drop alpha (pytorch/pytorch#167313, open on 2.13; measured here).
@@ -209,6 +227,9 @@ class OptimizerBinding:
         self._dirty = False
         self._saved: dict[str, Any] = {}
         self.update_calls = 0
+        # Hyper-parameter changes that traced a new rule (and so recompiled the update): one
+        # entry per change, {"update": n, "group": g, "changes": [(key, old, new), ...]}.
+        self.retraces: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- install
     @property
@@ -371,8 +392,10 @@ class OptimizerBinding:
             lr.fill_(float(opt.param_groups[gi]["lr"]))
         for it in self._items:
             it.active = not it.st.fresh
-            if it.st.proj is not None:
-                it.wd = self.rule.weight_decay(opt, opt.param_groups[it.st.group])
+            group = opt.param_groups[it.st.group]
+            it.wd = self.rule.weight_decay(opt, group)
+            if it.hps is not None and it.rule.hp_keys:
+                it.hps.copy_(torch.tensor(it.rule.hp_values(group), dtype=torch.float64))
         with torch.no_grad():
             self._run_items()
             for it in self._items:
@@ -390,14 +413,32 @@ class OptimizerBinding:
     def _rule_for(self, st: ParamState) -> Rule:
         opt = self.opt
         group = dict(opt.param_groups[st.group])
-        if st.proj is not None:
-            group["weight_decay"] = 0.0  # applied by the epilogue, or folded into R (L2)
+        # Applied around the rule (`_update_one`), its value a tensor input: a weight-decay
+        # schedule changes no rule.
+        group["weight_decay"] = 0.0
         attrs = {a: getattr(opt, a) for a in self.rule.instance_attrs if hasattr(opt, a)}
         return trace_rule(type(opt), group, opt.defaults, attrs, compute_dtype(st.view.dtype))
 
     def _rules_changed(self) -> bool:
-        """True when a param group's hyper-parameters changed (the rule must be traced again)."""
-        return any(self._rule_for(it.st).signature != it.rule.signature for it in self._items)
+        """True when a param group's structural hyper-parameters changed (the rule is traced again).
+
+        Lifted values (rules.py) are not part of a signature; what changes one is recorded in
+        `retraces`, for `lowrank-compile inspect`.
+        """
+        changed = False
+        seen: set[int] = set()
+        for it in self._items:
+            new = self._rule_for(it.st).signature
+            if new == it.rule.signature:
+                continue
+            changed = True
+            if it.st.group not in seen:
+                seen.add(it.st.group)
+                old_hp, new_hp = dict(it.rule.signature[0][1]), dict(new[0][1])
+                diff = [(k, old_hp.get(k), new_hp.get(k)) for k in sorted(set(old_hp) | set(new_hp))]
+                diff = [d for d in diff if d[1] != d[2]]
+                self.retraces.append({"update": self.update_calls, "group": it.st.group, "changes": diff})
+        return changed
 
     def _allocate(self, st: ParamState, rule: Rule) -> bool:
         """Make the state storage of `st` and move loaded states into it.
@@ -448,7 +489,8 @@ class OptimizerBinding:
             if restored:
                 first = False
             st.pending_first = False
-            item = _Item(st, rule, lr, 0.0, first=first and not rule.zero_init)
+            hps = torch.zeros(len(rule.hp_keys), dtype=torch.float64, device=st.view.device)
+            item = _Item(st, rule, lr, 0.0, hps=hps, first=first and not rule.zero_init)
             self._items.append(item)
         self._compiled = self._compiled or {}
         self._dirty = False
@@ -485,19 +527,28 @@ class OptimizerBinding:
                 flat += [s.codes, s.absmax] if isinstance(s, quant.QState) else [s]
             target = pj.virtual if pj is not None else st.view
             as_blocks = any(isinstance(s, quant.QState) for s in stores) and target.numel() % quant.BLOCK == 0
-            wd = torch.tensor(it.wd, dtype=torch.float64) if pj is not None else it.lr  # a (1,) tensor
+            wd = torch.tensor([it.wd], dtype=torch.float64)
+            group = self.opt.param_groups[st.group]
+            decay: str | None
+            if self._decoupled:
+                decay = "decoupled"
+            else:
+                decay = "l2-max" if group.get("maximize") else "l2"
             sig: tuple[Any, ...]
             salt = st.salt_tensor()
+            hps = cast(torch.Tensor, it.hps)
             if pj is None:
-                sig = (it.rule, it.first, False, None, False, False, scale, layout, as_blocks)
+                # Structural: a decay of 0 leaves W and G untouched (0 * inf would be NaN).
+                full_decay = decay if it.wd else None
+                sig = (it.rule, it.first, False, None, full_decay, False, scale, layout, as_blocks)
                 grad = cast(torch.Tensor, st.grad)
-                self._fn(sig)(sig, st.view, grad, it.lr, wd, None, None, None, salt, *flat)
+                self._fn(sig)(sig, st.view, grad, it.lr, wd, hps, None, None, None, salt, *flat)
             else:
                 dct = pj.basis is not None
-                sig = (it.rule, it.first, True, pj.side, self._decoupled, dct, scale, layout, as_blocks)
+                sig = (it.rule, it.first, True, pj.side, decay, dct, scale, layout, as_blocks)
                 basis = pj.basis if dct else pj.p
                 self._fn(sig)(
-                    sig, st.view, pj.r_acc, it.lr, wd.view(1), basis, pj.index, pj.virtual, salt, *flat
+                    sig, st.view, pj.r_acc, it.lr, wd, hps, basis, pj.index, pj.virtual, salt, *flat
                 )
             st.rounds += 1
 
