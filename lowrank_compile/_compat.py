@@ -1,4 +1,4 @@
-"""Every private torch API the package relies on, in one place (torch 2.11 to 2.13).
+"""Every private torch API the package relies on, in one place (torch 2.11 to 2.14).
 
 Importing this module imports Dynamo and Inductor (and with them triton, when installed), so
 only code that runs at compile time imports it; `import lowrank_compile` stays lean.
@@ -32,6 +32,7 @@ __all__ = [
     "guard_on_identity",
     "no_autograd_cache",
     "real_parameters",
+    "rebuild_ddp_reducer",
     "static_fake",
     "unwrapped_by_dynamo",
 ]
@@ -138,6 +139,31 @@ def before_ddp_split(hook: Callable[[Any, torch.fx.GraphModule, list[Any]], None
 
     compile_fn._lowrank_hooked = True  # type: ignore[attr-defined]
     DDPOptimizer.compile_fn = compile_fn  # type: ignore[method-assign]
+
+
+def rebuild_ddp_reducer(ddp: Any, names: set[str]) -> None:
+    """Rebuild `ddp`'s Reducer without the parameters `names`, the way DDP's `__setstate__` builds one.
+
+    `names` are spelled as the Reducer forms them (module name, ".", parameter name). The old
+    Reducer's autograd hooks are removed; comm hooks are registered again on the new one. With
+    no parameter left, DDP's own switch for a module whose every parameter is reduced elsewhere
+    (`_delay_all_reduce_all_params`) turns its forward hooks into no-ops.
+    """
+    import torch.distributed as dist
+
+    ddp.reducer._remove_autograd_hooks()
+    ddp.parameters_to_ignore |= names
+    parameters, expect_sparse = ddp._build_params_for_reducer()
+    if not parameters:
+        ddp._delay_all_reduce_all_params = True
+        return
+    mapping = ddp._build_debug_param_to_name_mapping(parameters)
+    ddp._ddp_init_helper(parameters, expect_sparse, mapping, ddp.static_graph)
+    if ddp.static_graph:
+        ddp.reducer._set_static_graph()
+        ddp.logger._set_static_graph()
+    for hook, state in ddp._comm_hooks:
+        dist._register_comm_hook(ddp.reducer, state, hook)
 
 
 def compile_wrapper_target(fn: Any) -> tuple[Any, dict[str, Any]]:

@@ -30,8 +30,9 @@ reduction is this module's, on a process group of its own with DDP's ranks:
   With the `check_ranks` option every update compares projectors and parameters across
   ranks and raises `LowRankDistributedError` naming the first that differs.
 
-Only torch.distributed's public collectives are used. torch.distributed is imported when a
-DDP wrapper is first adopted, never by `import lowrank_compile`.
+The reductions use torch.distributed's public collectives; the Reducer surgery uses DDP's
+private API, behind `_compat.rebuild_ddp_reducer`. torch.distributed is imported when a DDP
+wrapper is first adopted, never by `import lowrank_compile`.
 """
 
 from __future__ import annotations
@@ -149,25 +150,11 @@ def adopt(ddp: Any, states: list[ParamState]) -> DataParallel:
 
 
 def _rebuild_reducer(ddp: Any, names: set[str]) -> None:
-    """Rebuild DDP's Reducer without the parameters `names` (DDP's own `__setstate__` path)."""
-    ddp.reducer._remove_autograd_hooks()
-    ddp.parameters_to_ignore |= names
-    parameters, expect_sparse = ddp._build_params_for_reducer()
-    _STATS["reducer_rebuilds"] += 1
-    if not parameters:
-        # Nothing left for DDP to reduce: its forward hooks become no-ops (DDP's own switch for
-        # a module whose every parameter is reduced elsewhere).
-        ddp._delay_all_reduce_all_params = True
-        return
-    mapping = ddp._build_debug_param_to_name_mapping(parameters)
-    ddp._ddp_init_helper(parameters, expect_sparse, mapping, ddp.static_graph)
-    if ddp.static_graph:
-        ddp.reducer._set_static_graph()
-        ddp.logger._set_static_graph()
-    import torch.distributed as dist
+    """Rebuild DDP's Reducer without the parameters `names` (private DDP API: `_compat`)."""
+    from lowrank_compile import _compat
 
-    for hook, state in ddp._comm_hooks:
-        dist._register_comm_hook(ddp.reducer, state, hook)
+    _compat.rebuild_ddp_reducer(ddp, names)
+    _STATS["reducer_rebuilds"] += 1
 
 
 # ---------------------------------------------------------------------------- reduction
