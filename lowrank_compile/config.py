@@ -33,7 +33,7 @@ PROJ_TYPES = ("std", "reverse_std", "left", "right")
 PROJECTORS = ("svd", "randomized", "dct")
 STATE_BITS = (32, 8)
 GRAD_ACCUMULATION = ("projected", "full")
-SVD_SIGNS = ("canonical", "lapack")  # runtime/projector.py's SIGNS
+SVD_SIGNS = ("canonical", "lapack")  # runtime/projector.py: svd_projector's `signs`
 
 # One line per option: (accepted values, meaning). The README table and `lowrank-compile options`
 # are generated from this, so the three never disagree.

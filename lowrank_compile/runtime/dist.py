@@ -77,7 +77,6 @@ class DataParallel:
     group: Any
     world: int
     gid: int  # index in _GROUPS, carried by the refresh op's code
-    ignored: set[str] = dataclasses.field(default_factory=set)
     works: list[_Work] = dataclasses.field(default_factory=list)
 
     @property
@@ -143,8 +142,7 @@ def adopt(ddp: Any, states: list[ParamState]) -> DataParallel:
         p = st.param
         if p is not None:
             p._ddp_ignored = True  # type: ignore[attr-defined]  # read by Dynamo's DDPOptimizer when it splits graphs
-    if not names <= dp.ignored:
-        dp.ignored |= names
+    if not names <= ddp.parameters_to_ignore:
         _rebuild_reducer(ddp, names)
     return dp
 
@@ -158,14 +156,20 @@ def _rebuild_reducer(ddp: Any, names: set[str]) -> None:
 
 
 # ---------------------------------------------------------------------------- reduction
-def after_backward(states: list[ParamState]) -> None:
-    """Called after each backward call: start reducing what it added, if DDP synchronises now."""
+def _by_group(states: Any) -> list[tuple[DataParallel, list[ParamState]]]:
+    """`states` under DDP, grouped by their data-parallel group (in first-seen order)."""
     by_dp: dict[int, tuple[DataParallel, list[ParamState]]] = {}
     for st in states:
         if st.dp is not None:
-            st.unreduced = True
             by_dp.setdefault(id(st.dp), (st.dp, []))[1].append(st)
-    for dp, sts in by_dp.values():
+    return list(by_dp.values())
+
+
+def after_backward(states: list[ParamState]) -> None:
+    """Called after each backward call: start reducing what it added, if DDP synchronises now."""
+    for dp, sts in _by_group(states):
+        for st in sts:
+            st.unreduced = True
         if dp.syncing:
             _launch(dp, sts, async_op=True)
 
@@ -259,7 +263,7 @@ def _wait(dp: DataParallel, states: list[ParamState] | None) -> None:
 
 def wait_for(states: list[ParamState]) -> None:
     """Finish the reductions in flight that write into any of `states`' buffers."""
-    for dp in {id(st.dp): st.dp for st in states if st.dp is not None}.values():
+    for dp, _ in _by_group(states):
         _wait(dp, states)
 
 
@@ -270,11 +274,10 @@ def settle(states: list[ParamState] | None = None) -> None:
     """
     for dp in list(_GROUPS):
         _wait(dp, None)
-    todo: dict[int, tuple[DataParallel, list[ParamState]]] = {}
-    for st in states if states is not None else _all_states():
-        if st.dp is not None and st.unreduced and not st.fresh:
-            todo.setdefault(id(st.dp), (st.dp, []))[1].append(st)
-    for dp, sts in todo.values():
+    pending = [
+        st for st in (states if states is not None else _all_states()) if st.unreduced and not st.fresh
+    ]
+    for dp, sts in _by_group(pending):
         _launch(dp, sts, async_op=False)
 
 
@@ -310,11 +313,7 @@ def check_ranks(states: list[ParamState]) -> None:
     """Raise `LowRankDistributedError` when a projector or parameter differs between ranks."""
     import torch.distributed as dist
 
-    by_dp: dict[int, tuple[DataParallel, list[ParamState]]] = {}
-    for st in states:
-        if st.dp is not None:
-            by_dp.setdefault(id(st.dp), (st.dp, []))[1].append(st)
-    for dp, sts in by_dp.values():
+    for dp, sts in _by_group(states):
         rows = []
         for st in sts:
             ts = [st.view] + ([st.proj.projector()] if st.proj is not None and st.proj.has_p else [])

@@ -71,9 +71,6 @@ def _as_a(g: torch.Tensor, side: Side) -> torch.Tensor:
     return g if side == "left" else g.t()
 
 
-SIGNS = ("canonical", "lapack")
-
-
 def canonical_signs(p: torch.Tensor) -> torch.Tensor:
     """`p` with each column's sign chosen so that its largest-magnitude entry is positive.
 
