@@ -1,21 +1,28 @@
-"""Step time and optimizer-state bytes, all contenders in one run, on the demo's LLaMA-style model.
+"""Step time of the whole training step, every contender interleaved in one process.
 
-    python benchmarks/bench_step.py [--layers 4 --hidden 256 --seq 128 --batch 8 --steps 30]
+    python benchmarks/bench_step.py [--layers 6 --hidden 512 --intermediate 1376 --vocab 4096
+                                     --heads 8 --batch 4 --seq 128 --steps 12] [--record]
 
-Contenders: eager AdamW; torch.compile (Inductor) of the whole step with AdamW; lowrank with
-rank=None and 32-bit states. Each gets a fresh copy of the same model and the same batches.
-Step time is the median of the timed steps after 3 warm-up steps; "first step" includes compilation.
-Optimizer-state bytes count every tensor in opt.state, plus the backend's own states for lowrank.
-Prints one Markdown table; `--record` appends it to benchmarks/RESULTS.md with device and date.
+The model is the step-time issue's LlamaForCausalLM (23M parameters by default), fp32. Contenders:
+eager AdamW (foreach, torch's default), eager AdamW `fused=True`, torch.compile (Inductor) of the
+whole step with AdamW, and the `lowrank` backend with its defaults (rank 1/4, 8-bit states),
+`state_bits=32`, and `rank=None, state_bits=32`. Each gets a copy of the same model and the same
+batches. All are built and compiled first (the "first step s" column is the first call: trace and
+compile for the compiled ones, with whatever Inductor cache the machine has), then the timed steps
+run round-robin, one step of each contender per round, so a noisy neighbour slows all of them
+alike. The table shows medians, and each contender's ratio to Inductor + AdamW in the same run.
+`--cold` runs each compile with a fresh Inductor cache directory (first-compile comparison).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import pathlib
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -28,9 +35,20 @@ from train_llama import load_corpus  # noqa: E402
 
 import lowrank_compile  # noqa: E402
 
+CONTENDERS: dict[str, tuple[str | None, dict | None, dict]] = {
+    # name: (backend, lowrank options, AdamW kwargs)
+    "eager AdamW": (None, None, {}),
+    "eager AdamW fused": (None, None, {"fused": True}),
+    "Inductor + AdamW": ("inductor", None, {}),
+    "lowrank defaults": ("lowrank", {}, {}),
+    "lowrank state_bits=32": ("lowrank", {"state_bits": 32}, {}),
+    "lowrank rank=None state_bits=32": ("lowrank", {"rank": None, "state_bits": 32}, {}),
+}
 
-def run(name, model, data, args):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+
+def make_step(name: str, model: torch.nn.Module):
+    backend, options, kw = CONTENDERS[name]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, **kw)
 
     def step(ids):
         loss = model(input_ids=ids, labels=ids).loss
@@ -39,58 +57,69 @@ def run(name, model, data, args):
         opt.zero_grad()
         return loss.detach()
 
-    if name == "inductor":
+    if backend == "inductor":
         step = torch.compile(step, backend="inductor")
-    elif name.startswith("lowrank"):
-        step = torch.compile(step, backend="lowrank", options={"rank": None, "state_bits": 32})
-    it = batches(data, args.batch, args.seq, 0)
-    times = []
-    t0 = time.perf_counter()
-    loss = step(next(it))
-    first = time.perf_counter() - t0
-    for i in range(args.steps + 3):
-        ids = next(it)
-        t0 = time.perf_counter()
-        loss = step(ids)
-        dt = time.perf_counter() - t0
-        if i >= 3:
-            times.append(dt)
-    state = lowrank_compile.optimizer_state_bytes(opt)["total"]
-    return {
-        "contender": name,
-        "step_ms": 1e3 * statistics.median(times),
-        "first_s": first,
-        "state_MB": state / 1e6,
-        "loss": loss.item(),
-    }
+    elif backend == "lowrank":
+        step = torch.compile(step, backend="lowrank", options=options)
+    return step, opt
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--intermediate", type=int, default=1376)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--only", default="", help="comma-separated contender names (default: all)")
+    ap.add_argument("--cold", action="store_true", help="a fresh Inductor cache for each compile")
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args(argv)
+    names = [n for n in CONTENDERS if not args.only or n in args.only.split(",")]
     torch.manual_seed(0)
     train, _ = load_corpus(2_000_000)
-    base = build_model(args.layers, args.hidden, args.seq)
-    n = sum(p.numel() for p in base.parameters())
-    rows = [run(name, copy.deepcopy(base), train, args) for name in ("eager", "inductor", "lowrank")]
-    eager = rows[0]
+    base = build_model(args.layers, args.hidden, args.seq, args.vocab, args.intermediate, args.heads)
+    nparams = sum(p.numel() for p in base.parameters())
+    data = list(zip(range(args.steps + 4), batches(train, args.batch, args.seq, 0)))
+    runs = {}
+    for name in names:
+        if args.cold:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lowrank-bench-")
+        step, opt = make_step(name, copy.deepcopy(base))
+        t0 = time.perf_counter()
+        step(data[0][1])
+        first = time.perf_counter() - t0
+        runs[name] = {"step": step, "opt": opt, "first": first, "times": [], "loss": None}
+    for i, ids in data[1:]:
+        for name in names:
+            r = runs[name]
+            t0 = time.perf_counter()
+            loss = r["step"](ids)
+            dt = time.perf_counter() - t0
+            if i > 3:  # three warm-up rounds (the lowrank update compiles at the first two steps)
+                r["times"].append(dt)
+            r["loss"] = loss
+    ref = runs.get("Inductor + AdamW")
+    ref_ms = 1e3 * statistics.median(ref["times"]) if ref else None
     lines = [
-        f"model: LlamaForCausalLM {n / 1e6:.2f}M params, {args.layers} layers, hidden {args.hidden}, "
-        f"batch {args.batch}x{args.seq}; {args.steps} timed steps",
+        f"model: LlamaForCausalLM {nparams / 1e6:.1f}M params, {args.layers} layers, "
+        f"hidden {args.hidden}, intermediate {args.intermediate}, vocab {args.vocab}, {args.heads} heads; "
+        f"batch {args.batch}x{args.seq}, fp32; medians of {args.steps - 3} steps, interleaved in one "
+        f"process; threads {torch.get_num_threads()}",
         "",
-        "| contender | step ms (median) | vs eager | first step s | opt-state MB | loss |",
+        "| contender | step ms (median) | vs Inductor + AdamW | first step s | opt-state MB | loss |",
         "|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for name in names:
+        r = runs[name]
+        ms = 1e3 * statistics.median(r["times"])
+        state = lowrank_compile.optimizer_state_bytes(r["opt"])["total"] / 1e6
+        ratio = f"{ms / ref_ms:.2f}x" if ref_ms else "-"
         lines.append(
-            f"| {r['contender']} | {r['step_ms']:.1f} | {r['step_ms'] / eager['step_ms']:.2f}x | "
-            f"{r['first_s']:.1f} | {r['state_MB']:.2f} | {r['loss']:.3f} |"
+            f"| {name} | {ms:.0f} | {ratio} | {r['first']:.1f} | {state:.1f} | {r['loss'].item():.3f} |"
         )
     table = "\n".join(lines)
     print(table)

@@ -55,17 +55,26 @@ def batches(data: torch.Tensor, batch: int, seq: int, seed: int):
         yield torch.stack([data[s : s + seq] for s in starts.tolist()])
 
 
-def build_model(layers: int, hidden: int, seq: int) -> torch.nn.Module:
+def build_model(
+    layers: int,
+    hidden: int,
+    seq: int,
+    vocab: int = 256,
+    intermediate: int | None = None,
+    heads: int | None = None,
+) -> torch.nn.Module:
+    """A LlamaForCausalLM from a config (random init): the demo's model and the benchmarks'."""
     from transformers import LlamaConfig
     from transformers import LlamaForCausalLM
 
+    heads = heads or max(1, hidden // 32)
     cfg = LlamaConfig(
-        vocab_size=256,
+        vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=int(hidden * 8 / 3) // 8 * 8,
+        intermediate_size=intermediate or int(hidden * 8 / 3) // 8 * 8,
         num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 32),
-        num_key_value_heads=max(1, hidden // 32),
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         max_position_embeddings=seq,
         attn_implementation="sdpa",
         tie_word_embeddings=False,

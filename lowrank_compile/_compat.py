@@ -31,7 +31,9 @@ __all__ = [
     "dynamo_disable",
     "guard_on_identity",
     "no_autograd_cache",
+    "post_grad_pass",
     "real_parameters",
+    "realize_op",
     "rebuild_ddp_reducer",
     "static_fake",
     "unwrapped_by_dynamo",
@@ -207,3 +209,55 @@ def allocation_events(prof: Any) -> list[tuple[int, int]]:
     """
     events = prof.profiler.kineto_results.events()
     return sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+
+
+def post_grad_pass(graph_pass: Any, then: Any = None) -> Any:
+    """`graph_pass` (a GraphPass) as Inductor's `post_grad_custom_post_pass`, followed by `then`.
+
+    `then` is a pass the user configured there already (the `inductor` option), kept after ours.
+    The wrapper is a `CustomGraphPass`, so Inductor's FX graph cache keys on its `uuid()`.
+    """
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class _Adapter(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            graph_pass(graph.owning_module)
+            if then is not None:
+                then(graph)
+
+        def uuid(self) -> Any:
+            theirs = then.uuid() if then is not None and hasattr(then, "uuid") else repr(then)
+            return (graph_pass.uuid(), theirs)
+
+    return _Adapter()
+
+
+_REALIZE: Any = None
+
+
+def realize_op() -> Any:
+    """`lowrank::realize(x) -> x`: an identity that Inductor computes into a buffer of its own.
+
+    Inductor inlines a pointwise producer into each consumer's loop; through this op it makes the
+    producer a realized buffer instead (computed once, read with a load). Registered on first use,
+    with an Inductor lowering (a private API) that realizes its input. Outside Inductor it is a copy.
+    """
+    global _REALIZE
+    if _REALIZE is None:
+        from torch._inductor.lowering import register_lowering
+
+        @torch.library.custom_op("lowrank::realize", mutates_args=())
+        def realize(x: torch.Tensor) -> torch.Tensor:
+            return x.clone()
+
+        @realize.register_fake
+        def _(x: torch.Tensor) -> torch.Tensor:
+            return torch.empty_like(x)
+
+        @register_lowering(torch.ops.lowrank.realize.default, type_promotion_kind=None)
+        def _lower(x: Any) -> Any:
+            x.realize()
+            return x
+
+        _REALIZE = torch.ops.lowrank.realize.default
+    return _REALIZE

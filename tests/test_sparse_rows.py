@@ -182,14 +182,19 @@ def test_8bit_steps_on_sparse_rows_stay_within_the_rules_bound(name, rows, cols,
 
 
 # ---------------------------------------------------------------------------- compiled vs reference
-@pytest.mark.parametrize("name", ["adamw", "adam", "lion", "sgd_nesterov"])
-@pytest.mark.parametrize("shape", [(64, 128), (47, 100)])  # whole blocks, and a padded last block
-def test_compiled_8bit_update_matches_torch_optim_and_reference_encoder(name, shape):
+@pytest.mark.parametrize(
+    "name,shape,sparse",
+    [(n, s, True) for n in ("adamw", "adam", "lion", "sgd_nesterov") for s in ((64, 128), (47, 100))]
+    # Dense gradients (no element without one): the update skips the settle rule there.
+    + [("adamw", (64, 128), False), ("lion", (47, 100), False)],
+)  # whole blocks, and a padded last block
+def test_compiled_8bit_update_matches_torch_optim_and_reference_encoder(name, shape, sparse):
     """Each step, both sides start from the same weights and the same (dequantized 8-bit) states.
 
     The reference is torch.optim's own step in fp32 on those states, then the eager encoder
     (`quant.encode_blockwise`, with the settle rule on the elements without gradient); the
-    backend runs its compiled (Inductor) update.
+    backend runs its compiled (Inductor) update, which traces the settle rule only for a
+    gradient with an exact zero (the `settles` flag, last in each compiled update's signature).
     """
     make, hp = RULES[name]
     gen = torch.Generator().manual_seed(7)
@@ -199,7 +204,11 @@ def test_compiled_8bit_update_matches_torch_optim_and_reference_encoder(name, sh
     model, st_ = _take_over(w, opt, 8)
     p_ref = nn.Parameter(w0.clone())
     ref_opt = make([p_ref], **hp)
-    grads = _sparse_gradients(gen, shape[0], shape[1], 12, 4)
+    if sparse:
+        grads = _sparse_gradients(gen, shape[0], shape[1], 12, 4)
+    else:
+        grads = [torch.randn(*shape, generator=gen) * 1e-2 for _ in range(12)]
+        assert all(bool(g.all()) for g in grads)
     mismatched = compared = 0
     for t, g in enumerate(grads):
         with torch.no_grad():
@@ -231,6 +240,9 @@ def test_compiled_8bit_update_matches_torch_optim_and_reference_encoder(name, sh
             mismatched += int((q.codes != codes).sum())
             compared += codes.numel()
     assert compared > 0 and mismatched <= 1e-4 * compared, (mismatched, compared)
+    assert st_.binding is not None
+    settles = {sig[-1] for sig, _ in st_.binding._compiled}
+    assert settles == {sparse}, settles
 
 
 # ---------------------------------------------------------------------------- decay to zero

@@ -14,6 +14,7 @@ __all__ = ["PASSES", "get_pass"]
 # name -> "module:Class"; a test checks that every key equals the class's `name`.
 PASSES: dict[str, str] = {
     "consume-grads": "lowrank_compile.passes.consume_grads:ConsumeGradients",
+    "hoist-scalars": "lowrank_compile.passes.hoist_scalars:HoistScalars",
 }
 
 

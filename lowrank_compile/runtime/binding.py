@@ -19,11 +19,12 @@ virtual parameter (`runtime/rules.py`), on tensors the backend owns:
   R + wd * proj(W).
 States are stored per parameter (`ParamState.ostate`). With `state_bits=8`, states of >= 4096
 values are block-wise 8-bit (`runtime/quant.py`): the compiled update dequantizes them, runs the
-rule, and quantizes the result, all inside one graph that Inductor fuses. The whole update is one
-function, compiled once by torch.compile and Inductor, with a private code object (its own Dynamo
-cache). `lr`, the weight decay and the rule's lifted hyper-parameters (runtime/rules.py) are
-float64 tensors filled from the param group at every update, so schedulers that change lr, betas,
-momentum or weight decay cause no recompiles.
+rule, and quantizes the result, all inside one graph that Inductor fuses. The update of one kind
+of parameter and shape is one function, compiled once by torch.compile and Inductor with static
+shapes and a private code object (its own Dynamo cache); its scalar terms are computed once per
+call (the `hoist-scalars` pass). `lr`, the weight decay and the rule's lifted hyper-parameters
+(runtime/rules.py) are float64 tensors filled from the param group at every update, so
+schedulers that change lr, betas, momentum or weight decay cause no recompiles.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class _Item:
     lr: torch.Tensor
     wd: float  # the decay the backend applies (decoupled on W, or L2 added to the gradient)
     hps: torch.Tensor | None = None  # (k,) float64: the rule's lifted hyper-parameters (rules.py)
+    wd_t: torch.Tensor | None = None  # (1,) float64: `wd` as the compiled update reads it
     first: bool = True  # the next update is the parameter's first (the rule's `first` runs)
     active: bool = False  # it has a gradient this step
 
@@ -132,9 +134,11 @@ def _update_one(
 ) -> None:
     """One parameter's update: its rule on the backend's tensors, states loaded and stored.
 
-    `sig` = (rule, first, projected, side, decay, dct, scale, layout, as_blocks): constants
-    Dynamo guards on. `decay`: None, "decoupled" (W <- W (1 - lr wd)), "l2" (G + wd W) or
-    "l2-max" (G - wd W: the rule negates a maximized gradient, torch adds the decay after that).
+    `sig` = (rule, first, projected, side, decay, dct, scale, layout, as_blocks, settles):
+    constants Dynamo guards on. `settles`: some element has no gradient, so the 8-bit settle
+    rule can change a code (without it the rule is an identity, and is not traced). `decay`:
+    None, "decoupled" (W <- W (1 - lr wd)), "l2" (G + wd W) or "l2-max" (G - wd W: the rule
+    negates a maximized gradient, torch adds the decay after that).
     `hps` holds the rule's lifted hyper-parameters (Adam's betas, ...), read as 0-d views.
     `layout` says how each state is stored: ("q", signed, sqrt) 8-bit codes + absmax, ("s",) a
     float64 step counter, ("t",) a plain tensor. Full-rank parameters update `w` from `grad`,
@@ -144,7 +148,7 @@ def _update_one(
     the parameter's update counter: it seeds the stochastic rounding of the 8-bit settle rule
     (runtime/quant.py).
     """
-    rule, first, projected, side, decay, dct, scale, layout, as_blocks = sig
+    rule, first, projected, side, decay, dct, scale, layout, as_blocks, settles = sig
     stores: list[list[torch.Tensor]] = []
     i = 0
     for kind in layout:
@@ -159,8 +163,9 @@ def _update_one(
         assert basis is not None and virtual is not None
         pmat = basis.index_select(1, cast(torch.Tensor, index)) if dct else basis
         pmat = pmat.to(w.dtype)
-        virtual.zero_()
-        target = virtual
+        # The rule's parameter starts at zero: made in the graph (`virtual` gives its shape and
+        # dtype), so Inductor fuses it away and no buffer is shared between parameters.
+        target = torch.zeros_like(virtual)
         if decay in ("l2", "l2-max"):
             grad = grad + (sign * wd) * pm.project(w, pmat, side).to(grad.dtype)
     else:
@@ -170,7 +175,7 @@ def _update_one(
     cdt = compute_dtype(target.dtype)
     p, g = target.view(shape).to(cdt), grad.reshape(shape).to(cdt)
     # The settle rule looks at the elements without a gradient: before a full-rank L2 decay.
-    settle = g == 0
+    settle = g == 0 if settles else None
     if not projected:
         # torch.optim's order: the decay first (on the compute-dtype copy, rounded once with the
         # update), then the rule.
@@ -185,7 +190,9 @@ def _update_one(
         values = [_load(store, kind, as_blocks, target.numel()) for store, kind in zip(stores, layout)]
         # The signed 8-bit states before the rule mutates them, for the settle rule: elements
         # without a gradient decay toward zero instead of sticking at a code (runtime/quant.py).
-        olds = [v.clone() if kind[0] == "q" and kind[1] else None for v, kind in zip(values, layout)]
+        olds = [
+            v.clone() if kind[0] == "q" and kind[1] and settles else None for v, kind in zip(values, layout)
+        ]
         rule.step(p, g, lr, *hv, *values)
         for store, kind, value, old in zip(stores, layout, values, olds):
             if kind[0] == "q":
@@ -197,7 +204,7 @@ def _update_one(
             w.mul_(1 - lr * wd)
         # Scale the small R-shaped tensor, not through `alpha`: Inductor's add(mm) <-> addmm
         # rewrites drop alpha (pytorch/pytorch#167313, open on 2.13; measured here).
-        w.add_(pm.project_back((cast(torch.Tensor, virtual) * scale).to(w.dtype), pmat, side))
+        w.add_(pm.project_back((target * scale).to(w.dtype), pmat, side))
 
 
 class OptimizerBinding:
@@ -466,6 +473,10 @@ class OptimizerBinding:
                 quant.dynamic_map(signed, target.device)
                 quant.map_thresholds(signed, target.device)
                 quant.code_table(signed, target.device)
+                if signed:  # the settle rule's realized codes (quant.encode_blocks)
+                    from lowrank_compile import _compat
+
+                    _compat.realize_op()
                 # Second moments are stored as their square root (quant's module docstring).
                 st.ostate[spec.key] = quant.QState.zeros(
                     tuple(target.shape), signed, target.device, sqrt=spec.second_moment
@@ -497,68 +508,97 @@ class OptimizerBinding:
         self._decoupled = self.rule.decoupled_weight_decay(opt.param_groups[0])
 
     def _run_items(self) -> None:
-        """Run the compiled per-parameter update for every active item.
+        """Run the compiled update of every active item.
 
-        Each kind of parameter (rule, flags, storage layout: the `sig` tuple) has its compiled
-        function with a private code object, so kinds never share Dynamo's per-code cache limit.
-        Parameters of one kind pass their tensors as arguments, so parameters of one shape share
-        a compiled graph, and Dynamo's automatic dynamic shapes fold other shapes into one.
-        Compile time follows the variety of parameters, not their number.
+        Each kind of parameter (rule, flags, storage layout: the `sig` tuple of `_update_one`)
+        and set of shapes has its compiled function, traced with static shapes and with a private
+        code object: it compiles once, never recompiles, and Inductor emits vectorized loops with
+        constant trip counts. (Dynamo's automatic dynamic shapes would fold a second shape into
+        a symbolic graph whose CPU loops are scalar, with index arithmetic per element.)
+        Compile time follows the variety of parameters (kinds x shapes), not their number.
+        One graph per kind holding every parameter would save the per-call overhead (~0.1 ms a
+        parameter on CPU), but Inductor generates code for each parameter separately then:
+        measured 2.5x the first step's time on a 6-layer LLaMA.
         """
-        assert self._compiled is not None
-        scale = float(self.config.scale)
         for it in self._items:
-            if not it.active:
-                continue
-            st = it.st
-            pj = st.proj
-            ostate = cast(dict, st.ostate)
-            stores = list(ostate.values())
-            layout = tuple(
-                ("q", s.signed, s.sqrt)
-                if isinstance(s, quant.QState)
-                else ("s",)
-                if k in st.scalar_keys
-                else ("t",)
-                for k, s in ostate.items()
-            )
-            flat: list[torch.Tensor] = []
-            for s in stores:
-                flat += [s.codes, s.absmax] if isinstance(s, quant.QState) else [s]
-            target = pj.virtual if pj is not None else st.view
-            as_blocks = any(isinstance(s, quant.QState) for s in stores) and target.numel() % quant.BLOCK == 0
-            wd = torch.tensor([it.wd], dtype=torch.float64)
-            group = self.opt.param_groups[st.group]
-            decay: str | None
-            if self._decoupled:
-                decay = "decoupled"
-            else:
-                decay = "l2-max" if group.get("maximize") else "l2"
-            sig: tuple[Any, ...]
-            salt = st.salt_tensor()
-            hps = cast(torch.Tensor, it.hps)
-            if pj is None:
-                # Structural: a decay of 0 leaves W and G untouched (0 * inf would be NaN).
-                full_decay = decay if it.wd else None
-                sig = (it.rule, it.first, False, None, full_decay, False, scale, layout, as_blocks)
-                grad = cast(torch.Tensor, st.grad)
-                self._fn(sig)(sig, st.view, grad, it.lr, wd, hps, None, None, None, salt, *flat)
-            else:
-                dct = pj.basis is not None
-                sig = (it.rule, it.first, True, pj.side, decay, dct, scale, layout, as_blocks)
-                basis = pj.basis if dct else pj.p
-                self._fn(sig)(
-                    sig, st.view, pj.r_acc, it.lr, wd, hps, basis, pj.index, pj.virtual, salt, *flat
-                )
-            st.rounds += 1
+            if it.active:
+                sig, args = self._call(it)
+                shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+                self._fn((sig, shapes))(sig, *args)
+                it.st.rounds += 1
 
-    def _fn(self, sig: tuple[Any, ...]) -> Callable[..., Any]:
+    def _call(self, it: _Item) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """The `sig` of item `it` and the tensors `_update_one` takes for it."""
+        st = it.st
+        pj = st.proj
+        ostate = cast(dict, st.ostate)
+        stores = list(ostate.values())
+        layout = tuple(
+            ("q", s.signed, s.sqrt)
+            if isinstance(s, quant.QState)
+            else ("s",)
+            if k in st.scalar_keys
+            else ("t",)
+            for k, s in ostate.items()
+        )
+        flat: list[torch.Tensor] = []
+        for s in stores:
+            flat += [s.codes, s.absmax] if isinstance(s, quant.QState) else [s]
+        target = pj.virtual if pj is not None else st.view
+        as_blocks = any(isinstance(s, quant.QState) for s in stores) and target.numel() % quant.BLOCK == 0
+        if it.wd_t is None:
+            it.wd_t = torch.zeros(1, dtype=torch.float64, device=st.view.device)
+        it.wd_t.fill_(it.wd)
+        decay: str | None
+        if self._decoupled:
+            decay = "decoupled"
+        else:
+            decay = "l2-max" if self.opt.param_groups[st.group].get("maximize") else "l2"
+        scale = float(self.config.scale)
+        salt = st.salt_tensor()
+        hps = cast(torch.Tensor, it.hps)
+        # The settle rule (quant.encode_blocks) acts only on elements whose gradient is exactly 0.
+        # On CPU a gradient without one (every dense layer, almost always) skips it: the same
+        # codes, at ~40% less cost for the 8-bit update. One reduction (`all()`) decides; on an
+        # accelerator that would be a host sync per parameter, so there the rule always runs.
+        signed_q = any(k[:2] == ("q", True) for k in layout)
+        sig: tuple[Any, ...]
+
+        def settles_for(g: torch.Tensor) -> bool:
+            return signed_q and (g.device.type != "cpu" or not bool(g.all()))
+
+        if pj is None:
+            # Structural: a decay of 0 leaves W and G untouched (0 * inf would be NaN).
+            grad = cast(torch.Tensor, st.grad)
+            settles = settles_for(grad)
+            sig = (
+                it.rule,
+                it.first,
+                False,
+                None,
+                decay if it.wd else None,
+                False,
+                scale,
+                layout,
+                as_blocks,
+                settles,
+            )
+            return sig, (st.view, grad, it.lr, it.wd_t, hps, None, None, None, salt, *flat)
+        dct = pj.basis is not None
+        # A projected L2 decay adds wd * proj(W) before the settle mask is taken: always settle.
+        settles = signed_q and (decay in ("l2", "l2-max") or settles_for(pj.r_acc))
+        sig = (it.rule, it.first, True, pj.side, decay, dct, scale, layout, as_blocks, settles)
+        basis = pj.basis if dct else pj.p
+        return sig, (st.view, pj.r_acc, it.lr, it.wd_t, hps, basis, pj.index, pj.virtual, salt, *flat)
+
+    def _fn(self, key: tuple[Any, ...]) -> Callable[..., Any]:
         assert self._compiled is not None
-        fn = self._compiled.get(sig)
+        fn = self._compiled.get(key)
         if fn is None:
             name = f"lowrank_update_{type(self.opt).__name__}_{self.id}_{len(self._compiled)}"
-            fn = self._compiled[sig] = torch.compile(
-                _private_code(_update_one, name), backend=self.backend.update_backend
+            # Static shapes: one compile per key, each loop vectorized with a constant trip count.
+            fn = self._compiled[key] = torch.compile(
+                _private_code(_update_one, name), backend=self.backend.update_backend, dynamic=False
             )
         return fn
 

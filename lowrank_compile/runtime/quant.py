@@ -269,7 +269,8 @@ def nearest_code(normed: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor
 def dequantize_blocks(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
     """The fp32 values of block-wise codes, shaped (nblocks, BLOCK) (padding included)."""
     nb = absmax.numel()
-    return dynamic_map(signed, codes.device)[codes.long()].view(nb, BLOCK) * absmax.unsqueeze(1)
+    # int32 indices: Inductor gathers with them 1.6x faster than with int64 (measured on CPU).
+    return dynamic_map(signed, codes.device)[codes.to(torch.int32)].view(nb, BLOCK) * absmax.unsqueeze(1)
 
 
 def quantize_blocks(blocks: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,7 +330,14 @@ def encode_blocks(
     if sqrt:
         x = torch.sqrt(torch.clamp(x, min=0.0))
     normed, absmax = _normalize(x)
-    codes = nearest_code_lut(normed, *code_table(signed, x.device)).to(torch.int32)
+    codes8 = nearest_code_lut(normed, *code_table(signed, x.device))
+    if signed and old is not None:
+        # The settle rule reads the codes four times: computed once into a buffer, not once per
+        # read (Inductor would inline the table lookups into each reader; measured 2.5x slower).
+        from lowrank_compile import _compat
+
+        codes8 = _compat.realize_op()(codes8)
+    codes = codes8.to(torch.int32)
     if not signed:
         # Floor: a positive second moment never becomes 0.
         codes = torch.where(normed > 0, torch.clamp(codes, min=1), codes)
