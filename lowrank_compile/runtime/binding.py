@@ -518,7 +518,7 @@ class OptimizerBinding:
         Compile time follows the variety of parameters (kinds x shapes), not their number.
         One graph per kind holding every parameter would save the per-call overhead (~0.1 ms a
         parameter on CPU), but Inductor generates code for each parameter separately then:
-        measured 2.5x the first step's time on a 6-layer LLaMA.
+        measured on a 6-layer LLaMA: a 306 s first step, against 59-71 s.
         """
         for it in self._items:
             if it.active:
