@@ -36,6 +36,9 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 
+# examples/train_llama.build_model, here and in spawned workers (they re-import this module).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+
 
 def _nbytes(x: object) -> int:
     ts = x if isinstance(x, (list, tuple)) else [x]
@@ -80,21 +83,12 @@ def _worker(rank: int, store: str, a: argparse.Namespace, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
-    from transformers import LlamaConfig
-    from transformers import LlamaForCausalLM
+    from train_llama import build_model
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=a.hidden,
-        intermediate_size=2 * a.hidden,
-        num_hidden_layers=a.layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=a.seq,
-        attn_implementation="eager",
+    base = build_model(
+        a.layers, a.hidden, a.seq, intermediate=2 * a.hidden, heads=4, kv_heads=2, attn="eager"
     )
-    base = LlamaForCausalLM(cfg)
     runs = {}
     for name in ("eager DDP", "DDP + PowerSGD rank 4", "DDP + Inductor", "lowrank"):
         model = copy.deepcopy(base)

@@ -27,6 +27,9 @@ import time
 import torch
 from torch._dynamo.utils import counters
 
+# examples/train_llama.build_model, here and in spawned workers (they re-import this module).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -37,21 +40,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--record", action="store_true")
     a = ap.parse_args()
-    from transformers import LlamaConfig
-    from transformers import LlamaForCausalLM
+    from train_llama import build_model
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=a.hidden,
-        intermediate_size=2 * a.hidden,
-        num_hidden_layers=a.layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=a.seq,
-        attn_implementation="eager",
+    base = build_model(
+        a.layers, a.hidden, a.seq, intermediate=2 * a.hidden, heads=4, kv_heads=2, attn="eager"
     )
-    base = LlamaForCausalLM(cfg)
     total = a.steps + 2
 
     def wd_schedule(opt):

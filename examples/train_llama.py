@@ -62,8 +62,13 @@ def build_model(
     vocab: int = 256,
     intermediate: int | None = None,
     heads: int | None = None,
+    kv_heads: int | None = None,
+    attn: str = "sdpa",
 ) -> torch.nn.Module:
-    """A LlamaForCausalLM from a config (random init): the demo's model and the benchmarks'."""
+    """A LlamaForCausalLM from a config (random init): the demo's model and the benchmarks'.
+
+    Defaults: 8/3 x hidden MLP (a multiple of 8), one head per 32 channels, as many KV heads.
+    """
     from transformers import LlamaConfig
     from transformers import LlamaForCausalLM
 
@@ -74,9 +79,9 @@ def build_model(
         intermediate_size=intermediate or int(hidden * 8 / 3) // 8 * 8,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=kv_heads or heads,
         max_position_embeddings=seq,
-        attn_implementation="sdpa",
+        attn_implementation=attn,
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(cfg)

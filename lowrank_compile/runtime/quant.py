@@ -331,7 +331,8 @@ def encode_blocks(
         x = torch.sqrt(torch.clamp(x, min=0.0))
     normed, absmax = _normalize(x)
     codes8 = nearest_code_lut(normed, *code_table(signed, x.device))
-    if signed and old is not None:
+    settling = signed and old is not None and settle is not None and salt is not None
+    if settling:
         # The settle rule reads the codes four times: computed once into a buffer, not once per
         # read (Inductor would inline the table lookups into each reader; measured 2.5x slower).
         from lowrank_compile import _compat
@@ -341,7 +342,8 @@ def encode_blocks(
     if not signed:
         # Floor: a positive second moment never becomes 0.
         codes = torch.where(normed > 0, torch.clamp(codes, min=1), codes)
-    elif old is not None and settle is not None and salt is not None:
+    elif settling:
+        assert old is not None and settle is not None and salt is not None
         qmap = dynamic_map(signed, x.device)
         scale = absmax.unsqueeze(1)
         above = qmap[codes].abs() * scale  # the nearest code is the neighbour above |x| here

@@ -41,7 +41,9 @@ Tracing details:
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -166,29 +168,24 @@ def trace_rule(
     """The update rule of optimizer class `cls` for hyper-parameters `group` (cached)."""
     cands = _candidates(group)
     key = (_group_signature(cls, group, attrs, cands), cands, dtype, lr_dtype)
+    trace = functools.partial(_trace, cls, group, defaults, attrs, dtype, lr_dtype)
     lift = _LIFTABLE.get(key)
     if lift is None:
-        lift = _LIFTABLE[key] = _liftable(cls, group, defaults, attrs, dtype, lr_dtype, cands)
+        lift = _LIFTABLE[key] = _liftable(trace, cands)
     lifted = lift[0] + lift[1]
     sig = (_group_signature(cls, group, attrs, lifted), lift, dtype, lr_dtype)
     rule = _CACHE.get(sig)
     if rule is None:
-        rule = _trace(cls, group, defaults, attrs, dtype, lr_dtype, *lift)
+        rule = trace(*lift)
         rule.signature = sig
         _CACHE[sig] = rule
     return rule
 
 
-def _liftable(
-    cls: type[torch.optim.Optimizer],
-    group: Mapping[str, Any],
-    defaults: Mapping[str, Any],
-    attrs: Mapping[str, Any],
-    dtype: torch.dtype,
-    lr_dtype: torch.dtype,
-    cands: Keys,
-) -> tuple[Keys, Keys]:
+def _liftable(trace: Callable[..., Rule], cands: Keys) -> tuple[Keys, Keys]:
     """Which candidates lift, and how: (as tensors the step computes with, as literals).
+
+    `trace(tensors, literals, sentinel)` is `_trace` bound to the class and its group.
 
     Tensor form first: all candidates, else each one that traces on its own. A candidate the
     step cannot take as a tensor (SGD's `if momentum != 0`) is tried as a literal: traced with
@@ -202,9 +199,9 @@ def _liftable(
 
     def traces(tensors: Keys, literals: Keys = ()) -> bool:
         try:
-            a = _trace(cls, group, defaults, attrs, dtype, lr_dtype, tensors, literals, _SENTINELS[0])
+            a = trace(tensors, literals, _SENTINELS[0])
             if literals:
-                b = _trace(cls, group, defaults, attrs, dtype, lr_dtype, tensors, literals, _SENTINELS[1])
+                b = trace(tensors, literals, _SENTINELS[1])
                 return a.first.code == b.first.code and a.step.code == b.step.code
         except Exception:  # a data-dependent branch on the tensor, or an op that wants a Python number
             return False
