@@ -1,15 +1,20 @@
 """Peak memory, step time and optimizer-state bytes of every contender, side by side in one run.
 
     python benchmarks/bench_memory.py [--layers 8 --hidden 512 --seq 128 --batch 2 --steps 10 --record]
+        [--vocab 256 --intermediate N --heads N] [--only CONTENDER ...]
 
 The demo's LLaMA-style model (default: 8 layers, hidden 512, 25.6M parameters), the same seed,
 batches and lr for every contender:
 
+- the floor: weights plus an Inductor-compiled forward and backward whose gradients are dropped
+  by hooks the moment they exist, no optimizer at all (what any method needs); "above floor" is
+  a contender's peak minus the floor's;
 - eager AdamW; torch.compile (Inductor) of the whole step with AdamW (foreach; fused is CUDA-only);
 - galore_torch's GaLoreAdamW, and its per-layer variant (one optimizer per parameter, stepped
   from a post-accumulate-grad hook, so gradients are freed layer by layer);
 - torchao.optim.AdamW8bit; bitsandbytes AdamW8bit;
-- lowrank with 32-bit and with 8-bit (default) states;
+- lowrank with 32-bit and with 8-bit (default) states, and 8-bit with the seeded projectors
+  (`projector="sparse"`, `"gaussian"`: nothing stored);
 - eager AdamW and lowrank 8-bit with activation checkpointing (transformers' default);
 - lowrank 8-bit with clip_grad_norm_(1.0), without and with 4 micro-batches of gradient
   accumulation (the same micro-batch, so the same activations): the clip norm under accumulation
@@ -53,6 +58,7 @@ from train_llama import load_corpus  # noqa: E402
 import lowrank_compile  # noqa: E402
 
 CONTENDERS = [
+    "floor",
     "eager AdamW",
     "inductor AdamW",
     "galore_torch",
@@ -61,6 +67,8 @@ CONTENDERS = [
     "bnb AdamW8bit",
     "lowrank 32-bit",
     "lowrank 8-bit",
+    "lowrank 8-bit sparse",
+    "lowrank 8-bit gaussian",
     "eager AdamW + activation checkpointing",
     "lowrank 8-bit + activation checkpointing",
     "lowrank 8-bit + clipping",
@@ -141,6 +149,17 @@ def make_contender(name: str, model: torch.nn.Module) -> tuple[Callable[[torch.T
             "proj_type": "std",
         },
     ]
+    if name == "floor":
+        # No optimizer: each gradient is dropped the moment autograd has accumulated it.
+        for p in params.values():
+            p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+
+        def fwd_bwd(ids: torch.Tensor) -> torch.Tensor:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            return loss.detach()
+
+        return torch.compile(fwd_bwd), []
     if name == "galore_torch per-layer":
         from galore_torch import GaLoreAdamW
 
@@ -194,6 +213,9 @@ def make_contender(name: str, model: torch.nn.Module) -> tuple[Callable[[torch.T
     if name.startswith("lowrank"):
         bits = 32 if "32" in name else 8
         options = {"rank": 0.25, "scale": SCALE, "update_gap": GAP, "state_bits": bits}
+        for projector in ("sparse", "gaussian"):
+            if name.endswith(f" {projector}"):
+                options["projector"] = projector
         return torch.compile(step, backend="lowrank", options=options), [opt]
     return step, [opt]
 
@@ -226,7 +248,9 @@ def run(name: str, args: argparse.Namespace, data: torch.Tensor) -> dict[str, An
     ids = [next(it) for _ in range(2 * args.steps)]
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         torch.manual_seed(0)
-        model = build_model(args.layers, args.hidden, args.seq)
+        model = build_model(
+            args.layers, args.hidden, args.seq, args.vocab, args.intermediate, args.heads, args.heads
+        )
         step, opts = make_contender(name, model)
         t0 = time.perf_counter()
         for i in range(args.steps):
@@ -262,6 +286,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=256)
+    ap.add_argument("--intermediate", type=int, default=None, help="MLP width (default 8/3 x hidden)")
+    ap.add_argument("--heads", type=int, default=None, help="attention heads (default hidden / 32)")
     ap.add_argument("--steps", type=int, default=10, help="profiled steps, then as many timed steps")
     ap.add_argument("--only", nargs="*", default=None, help="run only these contenders")
     ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
@@ -273,21 +300,32 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         rows.append(run(name, args, train))
     eager = next((r for r in rows if r["name"] == "eager AdamW"), rows[0])
+    floor = next((r for r in rows if r["name"] == "floor"), None)
     mb = 2**20
+
+    def above(r: dict[str, Any]) -> str:
+        """Peak above the floor's (MB), and as a fraction of eager AdamW's."""
+        if floor is None:
+            return "- | -"
+        a, e = r["peak_last"] - floor["peak_last"], eager["peak_last"] - floor["peak_last"]
+        return f"{a / mb:.1f} | {a / e:.2f}x" if e > 0 else f"{a / mb:.1f} | -"
+
     lines = [
         f"model: LlamaForCausalLM {rows[0]['params'] / 1e6:.1f}M params, {args.layers} layers, hidden "
         f"{args.hidden}, batch {args.batch}x{args.seq}; peaks over steps 1..{args.steps} (profiled), "
         f"step time = median of {args.steps} unprofiled steps after them",
         "",
         "| contender | step ms | vs eager | first step s | peak MB step 1 | peak MB step "
-        f"{args.steps} | peak vs eager | step 1 / step {args.steps} | opt-state MB | projectors MB | loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"{args.steps} | peak vs eager | above floor MB | vs eager above floor | "
+        f"step 1 / step {args.steps} | opt-state MB | projectors MB | loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['ms']:.0f} | {r['ms'] / eager['ms']:.2f}x | {r['first']:.1f} | "
             f"{r['peak_first'] / mb:.1f} | {r['peak_last'] / mb:.1f} | "
-            f"{r['peak_last'] / eager['peak_last']:.0%} | {r['peak_first'] / r['peak_last']:.3f} | "
+            f"{r['peak_last'] / eager['peak_last']:.0%} | {above(r)} | "
+            f"{r['peak_first'] / r['peak_last']:.3f} | "
             f"{r['state'] / mb:.2f} | {r['proj'] / mb:.2f} | {r['loss']:.3f} |"
         )
     table = "\n".join(lines)

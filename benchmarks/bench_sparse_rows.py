@@ -70,8 +70,10 @@ def _optimizer(kind: str, params, lr: float) -> torch.optim.Optimizer:
 def _embedding_state_bytes(opt: torch.optim.Optimizer, p: torch.Tensor) -> int:
     st = lookup(p)
     if st is not None and st.ostate:
-        return sum(v.nbytes() if isinstance(v, quant.QState) else v.numel() * v.element_size()
-                   for k, v in st.ostate.items())
+        return sum(
+            v.nbytes() if isinstance(v, quant.QState) else v.numel() * v.element_size()
+            for k, v in st.ostate.items()
+        )
     total = 0
     for v in opt.state.get(p, {}).values():
         if hasattr(v, "codes") and hasattr(v, "scale"):  # torchao's 8-bit tensor subclass

@@ -1,6 +1,10 @@
 """Convergence side by side: eager AdamW, galore_torch's GaLoreAdamW, and lowrank (defaults).
 
     python benchmarks/convergence.py [--steps 200 --layers 4 --hidden 128 --lr 3e-3] [--out DIR] [--record]
+        [--runs eager_adamw,galore_torch,lowrank,lowrank_sparse,lowrank_projector_bits4,...]
+
+`lowrank_<projector>` runs the defaults with options={"projector": <projector>}, and
+`lowrank_projector_bits<b>` with options={"projector_bits": <b>}.
 
 The model and corpus are the demo's: a LlamaForCausalLM built from a config, trained on
 Python's stdlib sources. Every run starts from the same weights and sees the same batches and
@@ -75,7 +79,17 @@ def run(name, base, train, val, args):
         opt.zero_grad()
         return loss.detach()
 
-    fn = torch.compile(step, backend="lowrank") if name == "lowrank" else step
+    fn = step
+    if name.startswith("lowrank"):
+        # "lowrank" is the defaults; "lowrank_<projector>" changes only the projector (sparse, ...),
+        # "lowrank_projector_bits<b>" only how it is stored.
+        suffix = name.split("_", 1)[1] if "_" in name else ""
+        options: dict = {}
+        if suffix.startswith("projector_bits"):
+            options["projector_bits"] = int(suffix.removeprefix("projector_bits"))
+        elif suffix:
+            options["projector"] = suffix
+        fn = torch.compile(step, backend="lowrank", options=options)
 
     @torch.no_grad()
     def evaluate():

@@ -420,16 +420,22 @@ def _slot(i: int, st: ParamState, variant: str) -> Any:
     if st.config.grad_accumulation == "full":
         return GradSlot(i, "full")
     dct = pj.method == "dct"
-    ck = st.config.clip_sketch
-    if variant == "steady":
-        return GradSlot(i, "project", side=pj.side, dct=dct, rank=pj.rank, clip_k=ck)
+    ck = st.clip_k()
+    q: dict[str, Any] = {}
+    if pj.pcodes is not None:  # a quantized projector: codes and group scales are the inputs
+        assert pj.pqparams is not None
+        q = {"pbits": pj.pbits, "pshapes": (tuple(pj.pcodes.shape), tuple(pj.pqparams.shape))}
+    if variant == "steady" or pj.seeded:
+        # A seeded projector refreshes without the gradient (refresh.advance_seeded): one variant.
+        seeded = pj.method if pj.seeded else ""
+        return GradSlot(i, "project", side=pj.side, dct=dct, rank=pj.rank, clip_k=ck, seeded=seeded, **q)
     if pj.method == "randomized":
         k = sketch_sizes(pj.rank, pj.reduced, pj.kept)
-        return GradSlot(i, "sketch", side=pj.side, dct=dct, rank=pj.rank, sketch_k=k, clip_k=ck)
+        return GradSlot(i, "sketch", side=pj.side, dct=dct, rank=pj.rank, sketch_k=k, clip_k=ck, **q)
     # svd/dct: the projector is made inside backward, so no full-size gradient outlives its layer.
     signs = st.config.svd_signs
     name = st.plan.name
-    return GradSlot(i, "refresh", side=pj.side, dct=dct, rank=pj.rank, name=name, clip_k=ck, signs=signs)
+    return GradSlot(i, "refresh", side=pj.side, dct=dct, rank=pj.rank, name=name, clip_k=ck, signs=signs, **q)
 
 
 def _clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -4,7 +4,8 @@
     lowrank-compile inspect SCRIPT [--steps N] [--json] [--html REPORT.html] [--png TIMELINE.png]
                             [-- SCRIPT-ARGS...]
     lowrank-compile estimate [--model llama-60m|130m|350m|1b|7b|all|CONFIG.json] [--rank R]
-                             [--state-bits B] [--batch B] [--seq S] [--json]
+                             [--state-bits B] [--projector P] [--projector-bits B]
+                             [--options JSON] [--dtype fp32|bf16] [--batch B] [--seq S] [--json]
 
 Arguments after `--` are passed to SCRIPT.
 
@@ -16,7 +17,8 @@ pass created is marked with the pass's name. `--html` writes all of it as one pa
 timeline plot embedded; `--png` writes the plot.
 
 `estimate` prints training memory by category for eager AdamW (fp32, bf16), 8-bit AdamW,
-GaLore and lowrank, computed on fake tensors (nothing is allocated).
+galore_torch, GaLore per-layer, Q-GaLore and APOLLO as their papers count it, and lowrank
+(weights in `--dtype`), computed on fake tensors (nothing is allocated).
 """
 
 from __future__ import annotations
@@ -286,6 +288,18 @@ def get_arg_parser() -> argparse.ArgumentParser:
     )
     est.add_argument("--rank", default=None, help="lowrank rank: int, fraction, or none (default: 0.25)")
     est.add_argument("--state-bits", type=int, default=None, help="lowrank state bits: 32 or 8 (default 8)")
+    est.add_argument(
+        "--projector", default=None, help="lowrank projector (svd, randomized, dct, sparse, gaussian)"
+    )
+    est.add_argument(
+        "--projector-bits", type=int, default=None, help="lowrank projector_bits: 32, 16, 8 or 4"
+    )
+    est.add_argument(
+        "--options", default=None, help="further lowrank options as JSON, e.g. '{\"clip_sketch\": 0}'"
+    )
+    est.add_argument(
+        "--dtype", default="fp32", choices=("fp32", "bf16"), help="weights of the per-method rows"
+    )
     est.add_argument("--batch", type=int, default=1)
     est.add_argument("--seq", type=int, default=256)
     est.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -314,10 +328,19 @@ def _estimate(args: argparse.Namespace) -> int:
         options["rank"] = None if rank == "none" else rank
     if args.state_bits is not None:
         options["state_bits"] = args.state_bits
+    if args.projector is not None:
+        options["projector"] = args.projector
+    if args.projector_bits is not None:
+        options["projector_bits"] = args.projector_bits
+    if args.options:
+        extra = json.loads(args.options)
+        if not isinstance(extra, dict):
+            raise SystemExit(f"--options must be a JSON object, got {args.options!r}")
+        options.update(extra)
     models = list(MODELS) if args.model == "all" else [args.model]
     out: dict[str, Any] = {}
     for m in models:
-        rows = estimate(m, batch=args.batch, seq=args.seq, options=options)
+        rows = estimate(m, batch=args.batch, seq=args.seq, options=options, dtype=args.dtype)
         out[m] = [r.as_dict() for r in rows]
         if not args.json:
             print(estimate_table(rows, f"{m}, batch {args.batch} x seq {args.seq}"))

@@ -30,8 +30,11 @@ class LowRankOptionError(ValueError):
 
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
-PROJECTORS = ("svd", "randomized", "dct")
+PROJECTORS = ("svd", "randomized", "dct", "sparse", "gaussian")
+# Projectors regenerated from (seed, refresh count) wherever they are needed: nothing is stored.
+SEEDED_PROJECTORS = ("sparse", "gaussian")
 STATE_BITS = (32, 8)
+PROJECTOR_BITS = (32, 16, 8, 4)  # runtime/projector_quant.py
 GRAD_ACCUMULATION = ("projected", "full")
 SVD_SIGNS = ("canonical", "lapack")  # runtime/projector.py: svd_projector's `signs`
 
@@ -49,13 +52,21 @@ OPTION_DOCS: dict[str, tuple[str, str]] = {
     "projector": (
         " | ".join(PROJECTORS),
         "how the projector is refreshed: exact SVD of the gradient; single-pass randomized SVD "
-        "(no full gradient kept under accumulation); or the best-aligned columns of a shared DCT basis",
+        "(no full gradient kept under accumulation); the best-aligned columns of a shared DCT basis; or a "
+        "seeded random matrix that is regenerated wherever it is needed and never stored: sparse (entries "
+        "+-sqrt(s/r) with probability 1/(2s) each, s = sqrt(short side)) or gaussian (approximately "
+        "N(0, 1/r)); README: Projectors",
     ),
     "svd_signs": (
         " | ".join(SVD_SIGNS),
         "sign of each projector column from an SVD: canonical makes its largest entry positive, so the "
         "projector does not depend on rounding (thread counts, DDP's averaging; README: Numerics); lapack "
         "keeps torch.linalg.svd's signs, as GaLore does",
+    ),
+    "projector_bits": (
+        " | ".join(map(str, PROJECTOR_BITS)),
+        "storage of svd/randomized projectors: fp32, fp16, or Q-GaLore's group-wise (256) asymmetric 8- or "
+        "4-bit codes (4-bit packed two per byte), dequantized inside the graphs that project",
     ),
     "adaptive_gap": ("bool", "Q-GaLore: a layer whose subspace stopped moving refreshes half as often"),
     "rotate_states": (
@@ -106,6 +117,7 @@ class LowRankConfig:
     proj_type: str = "std"
     projector: str = "svd"
     svd_signs: str = "canonical"
+    projector_bits: int = 32
     adaptive_gap: bool = False
     rotate_states: bool = False
     grad_accumulation: str = "projected"
@@ -180,6 +192,20 @@ def _validate(cfg: LowRankConfig) -> None:
         raise _fail("proj_type", cfg.proj_type)
     if cfg.projector not in PROJECTORS:
         raise _fail("projector", cfg.projector)
+    if cfg.adaptive_gap and cfg.projector in SEEDED_PROJECTORS:
+        raise LowRankOptionError(
+            f"lowrank option 'adaptive_gap': got True with projector={cfg.projector!r}; adaptive_gap follows "
+            "how far the gradient's subspace moves, which a seeded random projector ignores; accepted "
+            "values with this projector: False"
+        )
+    if not _is_int(cfg.projector_bits) or cfg.projector_bits not in PROJECTOR_BITS:
+        raise _fail("projector_bits", cfg.projector_bits)
+    if cfg.projector_bits != 32 and cfg.projector not in ("svd", "randomized"):
+        raise LowRankOptionError(
+            f"lowrank option 'projector_bits': got {cfg.projector_bits} with projector={cfg.projector!r}, "
+            "which stores no matrix to quantize (dct keeps column indices; sparse and gaussian store "
+            "nothing); accepted values with this projector: 32"
+        )
     if cfg.svd_signs not in SVD_SIGNS:
         raise _fail("svd_signs", cfg.svd_signs)
     for name in ("adaptive_gap", "rotate_states", "check_ranks"):

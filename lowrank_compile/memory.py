@@ -178,14 +178,22 @@ def estimate(
     batch: int = 1,
     seq: int = 256,
     options: dict[str, Any] | None = None,
+    dtype: str = "fp32",
 ) -> list[MemoryEstimate]:
     """Memory of training a LLaMA model (preset, CONFIG.json or dict) with AdamW, per method.
 
     Methods: eager AdamW fp32; eager AdamW bf16 (weights, gradients and states in bf16); 8-bit
     AdamW (fp32 weights, 8-bit states); GaLore (galore_torch's GaLoreAdamW: full gradients kept,
-    projected states); lowrank with `options` (default options when None). The model is built
-    and run under FakeTensorMode: nothing is allocated.
+    projected states); then, with weights in `dtype` ("fp32" or "bf16"), the methods as their
+    papers count memory: GaLore with per-layer updates (gradients freed layer by layer, states
+    and projectors in the weights' dtype), Q-GaLore (INT8 weights with a scale per 256 values,
+    INT4 projectors, 8-bit states, per-layer updates) and APOLLO (rank-r projected moments in
+    fp32, a seeded random projection that is not stored, per-layer updates); and lowrank with
+    `options` (default options when None), its weights in `dtype`. The model is built and run
+    under FakeTensorMode: nothing is allocated.
     """
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"estimate: dtype must be 'fp32' or 'bf16', got {dtype!r}")
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import LlamaConfig
     from transformers import LlamaForCausalLM
@@ -214,8 +222,8 @@ def estimate(
         finally:
             torch.set_default_dtype(default)
         acts[torch.bfloat16] = saved_activation_bytes(net_bf16, fwd)
-        del net_bf16
-        named = list(net.named_parameters())
+        # The plan (state and projector bytes) of lowrank's own row is made on weights in `dtype`.
+        named = list((net_bf16 if dtype == "bf16" else net).named_parameters())
         opt = torch.optim.AdamW([p for _, p in named])
         roles = _roles(net)
         plan = make_plan([ParamInfo(n, p, [(opt, 0)], roles.get(n, "other")) for n, p in named], config)
@@ -243,39 +251,60 @@ def estimate(
         )
     )
     galore = MemoryEstimate("GaLore (galore_torch)", 4 * n, 4 * n, activations=acts[torch.float32])
+    elt = 2 if dtype == "bf16" else 4  # bytes per weight value in the rows below
+    act = acts[torch.bfloat16 if dtype == "bf16" else torch.float32]
+    tag = f", {dtype} weights"
+    layer = MemoryEstimate(f"GaLore per-layer (paper){tag}", elt * n, activations=act)
+    qgalore = MemoryEstimate(f"Q-GaLore (paper), INT8 weights{tag[:-8]}", activations=act)
+    apollo = MemoryEstimate(f"APOLLO (paper){tag}", elt * n, activations=act)
     scratch: set[tuple[Any, ...]] = set()  # shared buffers: one per R shape, one test matrix per kept size
-    lowrank = MemoryEstimate(f"lowrank {_describe(config)}", 4 * n, activations=acts[torch.float32])
+    lowrank = MemoryEstimate(f"lowrank {_describe(config)}{tag}", elt * n, activations=act)
     for pp in plan.params:
         numel = pp.numel
+        for row in (layer, qgalore, apollo):  # per-layer updates: one layer's gradient at a time
+            row.gradient_transient = max(row.gradient_transient, elt * numel)
+        # Q-GaLore's INT8 weights: one byte per value plus an fp32 scale per group of 256.
+        qgalore.weights += numel + 4 * -(-numel // 256)
         if pp.kind is Kind.PROJECTED and pp.rank is not None and pp.side is not None:
             m, k = pp.shape
             kept, reduced = (k, m) if pp.side == "left" else (m, k)
             galore.optimizer_states += 8 * pp.rank * kept + 4
             galore.projectors += 4 * pp.rank * reduced
+            layer.optimizer_states += 2 * elt * pp.rank * kept
+            layer.projectors += elt * pp.rank * reduced
+            qgalore.optimizer_states += 2 * _state8(pp.rank * kept)
+            qgalore.projectors += pp.rank * reduced // 2 + 8 * -(-pp.rank * reduced // 256)
+            apollo.optimizer_states += 8 * pp.rank * kept  # fp32 moments of the projected gradient
             lowrank.gradients += 4 * pp.rank * kept + 8  # R accumulator, sum(G^2), max|G|
             low = (pp.rank, k) if pp.side == "left" else (m, pp.rank)
             if low not in scratch:
                 scratch.add(low)
                 lowrank.buffers += 4 * pp.rank * kept  # the rule's R-shaped parameter
-            lowrank.gradient_transient = max(lowrank.gradient_transient, 4 * numel)
+            lowrank.gradient_transient = max(lowrank.gradient_transient, elt * numel)
             if config.clip_sketch and config.grad_accumulation == "projected":
                 ck = config.clip_sketch  # the clip residual sketch (runtime/clip.py)
                 lowrank.gradients += 4 * ck * reduced + 4 * ck + 4  # Y, per-column sums, sum ||P^T A||^2
                 if ("omega", kept) not in scratch:  # its +-1 test matrix, one per kept size
                     scratch.add(("omega", kept))
-                    lowrank.buffers += 4 * ck * kept
+                    lowrank.buffers += elt * ck * kept
         else:
             galore.optimizer_states += 8 * numel + 4
-            lowrank.gradients += 4 * numel  # full-size buffer (FULL) or .grad (left to torch.optim)
+            layer.optimizer_states += 2 * elt * numel
+            qgalore.optimizer_states += 2 * _state8(numel)
+            apollo.optimizer_states += 8 * numel
+            lowrank.gradients += elt * numel  # full-size buffer (FULL) or .grad (left to torch.optim)
         lowrank.optimizer_states += pp.state_bytes
         lowrank.projectors += pp.projector_bytes
-    rows += [galore, lowrank]
+    rows += [galore, layer, qgalore, apollo, lowrank]
     return rows
 
 
 def _describe(config: LowRankConfig) -> str:
     rank = "none" if config.rank is None else config.rank
-    return f"(rank {rank}, {config.state_bits}-bit)"
+    proj = "" if config.projector == "svd" else f", {config.projector}"
+    if config.projector_bits != 32:
+        proj += f", {config.projector_bits}-bit projectors"
+    return f"(rank {rank}, {config.state_bits}-bit{proj})"
 
 
 def estimate_table(rows: Sequence[MemoryEstimate], title: str = "") -> str:

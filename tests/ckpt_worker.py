@@ -3,7 +3,8 @@
     python ckpt_worker.py OPTIONS_JSON OUT_DIR full     # steps 1..15, checkpoint after step 7
     python ckpt_worker.py OPTIONS_JSON OUT_DIR resume   # fresh model, load the checkpoint, 8..15
 
-Both write the final parameters to OUT_DIR/<mode>.pt. The model starts from seed 0 in both
+Both write the final parameters (and the projectors the backend ends with, and the bytes it
+stores for them) to OUT_DIR/<mode>.pt. The model starts from seed 0 in both
 modes, so the resumed run only gets step 7's weights and optimizer state from the checkpoint.
 """
 
@@ -56,9 +57,12 @@ def main() -> None:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, out / "ckpt.pt")
     from lowrank_compile.runtime.state import lookup  # only to report what was taken over
 
-    kinds = {}
+    kinds, projectors, projector_bytes = {}, {}, {}
     for n, p in model.named_parameters():
         st = lookup(p)
+        if st is not None and st.proj is not None:
+            projectors[n] = st.proj.projector().clone()
+            projector_bytes[n] = st.owned_bytes()["projectors"]
         if st is not None and st.ostate:
             kinds[n] = (
                 ("projected" if st.proj is not None else "full")
@@ -66,7 +70,13 @@ def main() -> None:
                 + "+".join(type(v).__name__ for v in st.ostate.values())
             )
     torch.save(
-        {"params": {n: p.detach() for n, p in model.named_parameters()}, "kinds": kinds}, out / f"{mode}.pt"
+        {
+            "params": {n: p.detach() for n, p in model.named_parameters()},
+            "kinds": kinds,
+            "projectors": projectors,
+            "projector_bytes": projector_bytes,
+        },
+        out / f"{mode}.pt",
     )
 
 

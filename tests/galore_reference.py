@@ -42,8 +42,13 @@ def svd_basis(g, rank, side, signs="canonical"):
 
 
 class GaLoreReference:
-    def __init__(self, model, opt, projected, rank, update_gap, scale, proj_type, rule):
-        """`projected`: names of the projected parameters; `rule`: adamw | adam | sgd | lion."""
+    def __init__(self, model, opt, projected, rank, update_gap, scale, proj_type, rule, basis=None):
+        """`projected`: names of the projected parameters; `rule`: adamw | adam | sgd | lion.
+
+        `basis(name, g, side, k)`, when given, makes the projector of the k-th refresh (k = 1, 2, ...)
+        instead of GaLore's SVD (for the seeded random projectors).
+        """
+        self.basis = basis
         self.model, self.opt, self.rule = model, opt, rule
         self.rank, self.gap, self.scale = rank, update_gap, scale
         params = dict(model.named_parameters())
@@ -76,7 +81,11 @@ class GaLoreReference:
                 continue
             st, grp, side = self.state[n], self.group[n], self.side[n]
             if st["t"] % self.gap == 0:
-                st["P"] = svd_basis(g if svd_from is None else svd_from[n], self.rank, side)
+                st["k"] = st.get("k", 0) + 1
+                if self.basis is not None:
+                    st["P"] = self.basis(n, g, side, st["k"])
+                else:
+                    st["P"] = svd_basis(g if svd_from is None else svd_from[n], self.rank, side)
             P = st["P"]
             r = self.proj(g, P, side)
             lr, wd = grp["lr"], grp["weight_decay"]

@@ -49,8 +49,17 @@ def _worker(options: dict, out: Path, mode: str) -> dict:
             {**PROJ8, "projector": "randomized"},  # the sketch's seed and the lagged projector resume
             {"2.weight": "projected/Tensor+QState+QState"},
         ),
+        (
+            # Nothing stored: the resumed process regenerates the projector from name + refresh count.
+            {**PROJ8, "projector": "sparse"},
+            {"0.weight": "projected/Tensor+QState+QState", "2.weight": "projected/Tensor+QState+QState"},
+        ),
+        (  # 4-bit projector codes travel raw: the resumed run reads the same codes
+            {**PROJ8, "projector_bits": 4},
+            {"0.weight": "projected/Tensor+QState+QState", "2.weight": "projected/Tensor+QState+QState"},
+        ),
     ],
-    ids=["rank-none-fp32", "projected-8bit", "randomized-8bit"],
+    ids=["rank-none-fp32", "projected-8bit", "randomized-8bit", "sparse-8bit", "projector-4bit"],
 )
 def test_resume_in_a_fresh_process_is_bit_identical(tmp_path, options, kinds):
     full = _worker(options, tmp_path, "full")
@@ -63,6 +72,13 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path, options, kinds):
     assert moved > 0  # steps 8..15 changed the weights
     for n, p in full["params"].items():
         assert torch.equal(p, resumed["params"][n]), n
+    assert full["projectors"].keys() == resumed["projectors"].keys()
+    assert bool(full["projectors"]) == (options["rank"] is not None)
+    for n, p in full["projectors"].items():  # two processes, the same projector after 4-5 refreshes
+        assert torch.equal(p, resumed["projectors"][n]), n
+    if options.get("projector") == "sparse":
+        assert set(full["projector_bytes"].values()) == {0}  # regenerated, never stored
+        assert all((p != 0).float().mean() < 0.5 for p in full["projectors"].values())  # really sparse
 
 
 def _adamw(model, **kw):

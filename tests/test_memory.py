@@ -87,13 +87,26 @@ def test_estimate_eager_adamw_matches_a_measured_run(estimates):
     _close(est.activations, acts, "activations")
 
 
-def test_estimate_lowrank_matches_a_measured_run(estimates):
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"projector": "sparse"}, {"projector_bits": 4}],
+    ids=["defaults", "sparse", "projector-4bit"],
+)
+def test_estimate_lowrank_matches_a_measured_run(estimates, extra):
     """The lowrank row against what the backend really holds after compiled steps (8-bit, rank 1/4)."""
     from lowrank_compile.plan import Kind
     from lowrank_compile.runtime.state import lookup
     from lowrank_compile.runtime.state import scratch_bytes
 
-    est = estimates["lowrank"]
+    options = {**OPTIONS, **extra}
+    if extra:
+        est = next(
+            r
+            for r in estimate(SMALL, batch=BATCH, seq=SEQ, options=options)
+            if r.method.startswith("lowrank")
+        )
+    else:
+        est = estimates["lowrank"]
     lowrank_compile.reset()
     model = _model()
     opt = torch.optim.AdamW(model.parameters())
@@ -103,7 +116,7 @@ def test_estimate_lowrank_matches_a_measured_run(estimates):
         loss.backward()
         return loss
 
-    f = torch.compile(fwbw, backend="lowrank", options=OPTIONS)
+    f = torch.compile(fwbw, backend="lowrank", options=options)
     for i in range(2):
         f(_ids(i))
         if i == 1:  # after a backward, before the step: the gradient buffers are all there
@@ -120,7 +133,13 @@ def test_estimate_lowrank_matches_a_measured_run(estimates):
     assert sum(pp.kind is Kind.PROJECTED for pp in plan.params) == 14  # 7 matrices x 2 layers
     measured = lowrank_compile.optimizer_state_bytes(opt)
     _close(est.optimizer_states, measured["total"], "optimizer states")
-    _close(est.projectors, measured["projectors"], "projectors")
+    if extra.get("projector") == "sparse":
+        assert est.projectors == measured["projectors"] == 0  # regenerated, never stored
+    else:
+        _close(est.projectors, measured["projectors"], "projectors")
+    if "projector_bits" in extra:  # 4-bit codes + group scales: 13.3% of the fp32 matrices
+        fp32 = sum(4 * pp.rank * min(pp.shape) for pp in plan.params if pp.kind is Kind.PROJECTED)
+        assert measured["projectors"] <= 0.15 * fp32
     _close(est.gradients, grads, "gradient buffers")
     _close(est.buffers, scratch_bytes(), "shared buffers")
     _close(est.weights, sum(p.numel() * p.element_size() for p in model.parameters()), "weights")
@@ -150,13 +169,20 @@ def test_estimate_cli_prints_every_preset(capsys):
     out = capsys.readouterr().out
     for model in ("llama-60m", "llama-130m", "llama-350m", "llama-1b", "llama-7b"):
         assert f"{model}, batch 1 x seq 16" in out
-    for method in ("eager AdamW fp32", "eager AdamW bf16", "8-bit AdamW", "GaLore (galore_torch)", "lowrank"):
+    methods = (
+        "eager AdamW fp32",
+        "eager AdamW bf16",
+        "8-bit AdamW",
+        "GaLore (galore_torch)",
+        "GaLore per-layer",
+    )
+    for method in (*methods, "Q-GaLore", "APOLLO", "lowrank"):
         assert out.count(f"| {method}") == 5
     args = ["estimate", "--model", "llama-60m", "--rank", "none", "--state-bits", "32", "--json"]
     assert cli.main(args) == 0
     data = json.loads(capsys.readouterr().out)
     low = data["llama-60m"][-1]
-    assert low["method"] == "lowrank (rank none, 32-bit)" and low["projectors"] == 0
+    assert low["method"] == "lowrank (rank none, 32-bit), fp32 weights" and low["projectors"] == 0
 
 
 def test_estimate_rejects_unknown_model():

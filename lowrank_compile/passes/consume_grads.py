@@ -21,7 +21,10 @@ Modes per slot (G is the gradient, m x n; every accumulator follows `where(fresh
 - "full": accumulate G itself (full-rank parameters; projected ones at svd/dct refresh steps).
 - "project": accumulate R = P^T G (side "left") or G P ("right"), plus sum(G^2) and max|G|.
   Those two let clip_grad_norm_ use the exact norm of the full gradient. For dct, P is
-  gathered in the graph from the shared basis and the layer's column indices.
+  gathered in the graph from the shared basis and the layer's column indices; for the seeded
+  projectors (sparse, gaussian) it is generated in the graph from a one-element key
+  (runtime/projector.py: seeded_projector), so it is never an input; a quantized one
+  (`projector_bits` < 32) arrives as codes and group scales and is dequantized in the graph.
 - "sketch": "project" plus the randomized refresh sketch Y += A Omega, with A = G (left) or
   G^T (right).
 - with `clip_k > 0`, "project", "sketch" and "refresh" also accumulate a k-column sketch of the
@@ -79,6 +82,9 @@ class GradSlot:
     clip_k: int = 0  # width of the clip residual sketch (project/sketch/refresh modes; 0 = none)
     name: str = ""  # the parameter's name (refresh mode: names it in warnings)
     signs: str = "canonical"  # refresh mode: the SVD's sign convention (projector.svd_projector)
+    seeded: str = ""  # "sparse" | "gaussian": P is generated in the graph from a key input
+    pbits: int = 32  # < 32: P arrives as codes + group scales, dequantized in the graph
+    pshapes: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())  # pbits < 32: codes', scales' shapes
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -116,6 +122,7 @@ def consume_project(
     left: bool,
     sketch: bool = False,
     clip: bool = False,
+    orthonormal: bool = True,
 ) -> None:
     """R += proj(G), sum(G^2) and max|G|; `sketch`: Y += A Omega; `clip`: the residual sketch.
 
@@ -123,6 +130,8 @@ def consume_project(
     with A = G (left) or G^T (right), d x e, and E = A - P P^T A its projection residual,
     C_y += A c_omega, c_diag += column sums of (E c_omega)^2, sq_r += ||P^T A||^2. They let
     clip_grad_norm_ estimate the norm of a gradient summed over backward calls (runtime/clip.py).
+    A P without orthonormal columns (the seeded projectors, `orthonormal=False`) splits nothing
+    off: E = A and sq_r stays 0, so the sketch estimates every cross term.
     """
     # GEMMs in the parameter's dtype; accumulation in the buffers' dtype (fp32 for bf16/fp16).
     r = (proj.t() @ g if left else g @ proj).to(rgrad.dtype)
@@ -137,12 +146,14 @@ def consume_project(
     if clip:
         c_omega, c_y, c_diag, sq_r = rest
         yi = (a @ c_omega).to(c_y.dtype)
-        pc = proj.to(c_y.dtype)
-        ei = yi - pc @ (pc.t() @ yi)
+        ei = yi
+        if orthonormal:
+            pc = proj.to(c_y.dtype)
+            ei = yi - pc @ (pc.t() @ yi)
+            rw = r.to(sq_r.dtype)
+            _accumulate(fresh, sq_r, (rw * rw).sum())
         _accumulate(fresh, c_y, yi)
         _accumulate(fresh, c_diag, (ei * ei).sum(0).to(c_diag.dtype))
-        rw = r.to(sq_r.dtype)
-        _accumulate(fresh, sq_r, (rw * rw).sum())
 
 
 def consume_refresh(
@@ -160,13 +171,21 @@ def consume_refresh(
     left: bool,
     name: str,
     signs: str,
+    pbits: int = 32,
 ) -> None:
-    """P = refresh_projector(G, ...) into `dst`; then R += proj(G) with that P, as consume_project."""
+    """P = refresh_projector(G, ...) into `dst`; then R += proj(G) with that P, as consume_project.
+
+    `pbits` < 32: R is accumulated with P as it reads back once quantized (what later steps use).
+    """
     from lowrank_compile.runtime.refresh_op import refresh_projector
 
     new = refresh_projector(g, code, src, basis, rank, left, name, signs)
     dst.copy_(new)
     proj = basis[:, new] if basis.numel() else new
+    if pbits < 32:
+        from lowrank_compile.runtime.projector_quant import roundtrip
+
+        proj = roundtrip(proj, pbits)
     consume_project(g, fresh, proj, rgrad, sq, amax, *clip_bufs, left=left, clip=bool(clip_bufs))
 
 
@@ -266,7 +285,7 @@ class ConsumeGradients(GraphPass):
                     *clip_inputs(slot, d, e, dt, acc_dt, stat_dt, dev),
                 ]
                 refresh = functools.partial(
-                    consume_refresh, rank=r, left=left, name=slot.name, signs=slot.signs
+                    consume_refresh, rank=r, left=left, name=slot.name, signs=slot.signs, pbits=slot.pbits
                 )
                 _inline(graph, grad, refresh, args, fake_mode)
             else:
@@ -275,6 +294,12 @@ class ConsumeGradients(GraphPass):
                 if slot.dct:
                     basis = placeholder(slot, "basis", (d, d), dt, dev)
                     index = placeholder(slot, "index", (r,), torch.int64, dev)
+                elif slot.seeded:
+                    key = placeholder(slot, "pkey", (1,), torch.int64, dev)
+                elif slot.pbits < 32:
+                    code_dt = torch.float16 if slot.pbits == 16 else torch.uint8
+                    pcodes = placeholder(slot, "pcodes", slot.pshapes[0], code_dt, dev)
+                    pqparams = placeholder(slot, "pqparams", slot.pshapes[1], torch.float32, dev)
                 else:
                     proj = placeholder(slot, "proj", (d, r), dt, dev)
                 acc_dt = torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
@@ -291,7 +316,11 @@ class ConsumeGradients(GraphPass):
                     ]
                 extra_args += clip_inputs(slot, d, e, dt, acc_dt, stat_dt, dev)
                 consume = functools.partial(
-                    consume_project, left=left, sketch=slot.mode == "sketch", clip=slot.clip_k > 0
+                    consume_project,
+                    left=left,
+                    sketch=slot.mode == "sketch",
+                    clip=slot.clip_k > 0,
+                    orthonormal=not slot.seeded,
                 )
                 if slot.dct:
 
@@ -301,6 +330,25 @@ class ConsumeGradients(GraphPass):
                     _inline(
                         graph, grad, fn, [grad, fresh, basis, index, rbuf, sq, amax, *extra_args], fake_mode
                     )
+                elif slot.seeded:
+                    from lowrank_compile.runtime.projector import seeded_projector
+
+                    gen_p = functools.partial(seeded_projector, slot.seeded, d=d, r=r, short=min(m, n))
+
+                    def gen(g, fresh, key, *rest, consume=consume, gen_p=gen_p):
+                        consume(g, fresh, gen_p(key, dtype=g.dtype), *rest)
+
+                    _inline(graph, grad, gen, [grad, fresh, key, rbuf, sq, amax, *extra_args], fake_mode)
+                elif slot.pbits < 32:
+                    from lowrank_compile.runtime.projector_quant import dequantize
+
+                    deq = functools.partial(dequantize, bits=slot.pbits, d=d, r=r)
+
+                    def qfn(g, fresh, codes, qparams, *rest, consume=consume, deq=deq):
+                        consume(g, fresh, deq(codes, qparams, dtype=g.dtype), *rest)
+
+                    args = [grad, fresh, pcodes, pqparams, rbuf, sq, amax, *extra_args]
+                    _inline(graph, grad, qfn, args, fake_mode)
                 else:
                     _inline(
                         graph,

@@ -45,6 +45,7 @@ from lowrank_compile.config import LowRankConfig
 from lowrank_compile.optimizers import OptimizerRule
 from lowrank_compile.runtime import checkpoint
 from lowrank_compile.runtime import projector as pm
+from lowrank_compile.runtime import projector_quant
 from lowrank_compile.runtime import quant
 from lowrank_compile.runtime import refresh
 from lowrank_compile.runtime.rules import Rule
@@ -135,10 +136,13 @@ def _update_one(
     """One parameter's update: its rule on the backend's tensors, states loaded and stored.
 
     `sig` = (rule, first, projected, side, decay, dct, scale, layout, as_blocks, settles):
-    constants Dynamo guards on. `settles`: some element has no gradient, so the 8-bit settle
-    rule can change a code (without it the rule is an identity, and is not traced). `decay`:
-    None, "decoupled" (W <- W (1 - lr wd)), "l2" (G + wd W) or "l2-max" (G - wd W: the rule
-    negates a maximized gradient, torch adds the decay after that).
+    constants Dynamo guards on. `dct` says how the projector arrives: None (the matrix in
+    `basis`), "dct" (`basis` and column `index`), "sparse"/"gaussian" (generated here from the
+    key in `basis`, runtime/projector.py), or "q16"/"q8"/"q4" (codes in `basis`, group scales in
+    `index`, dequantized here: runtime/projector_quant.py). `settles`: some element has no
+    gradient, so the 8-bit settle rule can change a code (without it the rule is an identity,
+    and is not traced). `decay`: None, "decoupled" (W <- W (1 - lr wd)), "l2" (G + wd W) or
+    "l2-max" (G - wd W: the rule negates a maximized gradient, torch adds the decay after that).
     `hps` holds the rule's lifted hyper-parameters (Adam's betas, ...), read as 0-d views.
     `layout` says how each state is stored: ("q", signed, sqrt) 8-bit codes + absmax, ("s",) a
     float64 step counter, ("t",) a plain tensor. Full-rank parameters update `w` from `grad`,
@@ -161,7 +165,18 @@ def _update_one(
     sign = -1.0 if decay == "l2-max" else 1.0
     if projected:
         assert basis is not None and virtual is not None
-        pmat = basis.index_select(1, cast(torch.Tensor, index)) if dct else basis
+        if dct == "dct":
+            pmat = basis.index_select(1, cast(torch.Tensor, index))
+        elif dct:
+            d, r = (w.shape[0], virtual.shape[0]) if side == "left" else (w.shape[1], virtual.shape[1])
+            if dct.startswith("q"):  # quantized: codes in `basis`, [scale, lo] per group in `index`
+                pmat = projector_quant.dequantize(
+                    basis, cast(torch.Tensor, index), int(dct[1:]), d, r, w.dtype
+                )
+            else:  # a seeded projector, generated here from its key (`basis`)
+                pmat = pm.seeded_projector(dct, basis, d, r, min(w.shape), w.dtype)
+        else:
+            pmat = basis
         pmat = pmat.to(w.dtype)
         # The rule's parameter starts at zero: made in the graph (`virtual` gives its shape and
         # dtype), so Inductor fuses it away and no buffer is shared between parameters.
@@ -584,12 +599,17 @@ class OptimizerBinding:
                 settles,
             )
             return sig, (st.view, grad, it.lr, it.wd_t, hps, None, None, None, salt, *flat)
-        dct = pj.basis is not None
+        # How the projector arrives: a matrix (None), dct (basis + indices) or seeded (its key).
+        dct = "dct" if pj.basis is not None else pj.method if pj.seeded else None
+        if pj.pcodes is not None:
+            dct = f"q{pj.pbits}"
         # A projected L2 decay adds wd * proj(W) before the settle mask is taken: always settle.
         settles = signed_q and (decay in ("l2", "l2-max") or settles_for(pj.r_acc))
         sig = (it.rule, it.first, True, pj.side, decay, dct, scale, layout, as_blocks, settles)
-        basis = pj.basis if dct else pj.p
-        return sig, (st.view, pj.r_acc, it.lr, it.wd_t, hps, basis, pj.index, pj.virtual, salt, *flat)
+        basis, index = (pj.basis, pj.index) if dct == "dct" else (pj.key, None) if dct else (pj.p, None)
+        if pj.pcodes is not None:
+            basis, index = pj.pcodes, pj.pqparams
+        return sig, (st.view, pj.r_acc, it.lr, it.wd_t, hps, basis, index, pj.virtual, salt, *flat)
 
     def _fn(self, key: tuple[Any, ...]) -> Callable[..., Any]:
         assert self._compiled is not None

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from lowrank_compile.config import SEEDED_PROJECTORS
 from lowrank_compile.runtime import projector as pm
 from lowrank_compile.runtime import quant
 
@@ -40,7 +41,7 @@ SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
 # garbage), so the entry holds no strings: dtypes, sides and methods are stored as small ints.
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.uint8, torch.int64, torch.int32)
 _SIDES = ("left", "right")
-_METHODS = ("svd", "randomized", "dct")
+_METHODS = ("svd", "randomized", "dct", "sparse", "gaussian")
 
 
 def _enc(t: torch.Tensor) -> dict[str, Any]:
@@ -109,7 +110,11 @@ def export(st: Any) -> dict[str, Any] | None:
             side=_SIDES.index(pj.side),
             rank=pj.rank,
             method=_METHODS.index(pj.method),
-            projector=_enc(pj.index if pj.index is not None else pj.p),
+            # Quantized projectors: the dequantized matrix (for conversions) and the codes themselves.
+            projector=_enc(pj.index if pj.index is not None else pj.projector()),
+            pbits=pj.pbits,
+            pcodes=_enc(pj.pcodes) if pj.pcodes is not None else None,
+            pqparams=_enc(pj.pqparams) if pj.pqparams is not None else None,
             pending=_enc(pj.pending_p) if pj.pending_p is not None else None,
             has_p=pj.has_p,
             updates=pj.updates,
@@ -179,14 +184,23 @@ def restore(st: Any, entry: Any) -> None:
             side, rank, method = _SIDES[int(low["side"])], int(low["rank"]), _METHODS[int(low["method"])]
             stored = _dec(low["projector"], dev)
             pj = st.proj
-            if pj is not None and (side, rank, method == "dct") == (pj.side, pj.rank, pj.method == "dct"):
-                (pj.index if pj.index is not None else pj.p).copy_(stored)
+            if pj is not None and (side, rank, _family(method)) == (pj.side, pj.rank, _family(pj.method)):
+                if pj.index is not None:
+                    pj.index.copy_(stored)
+                elif not pj.seeded:
+                    pj.set_matrix(stored)
+                    if pj.pcodes is not None and int(low.get("pbits", 32)) == pj.pbits:
+                        assert pj.pqparams is not None
+                        pj.pcodes.copy_(_dec(low["pcodes"], dev))  # bit for bit, not requantized
+                        pj.pqparams.copy_(_dec(low["pqparams"], dev))
                 pj.pending_p = _dec(low["pending"], dev) if low.get("pending") is not None else None
                 pj.has_p = bool(low["has_p"])
                 pj.updates, pj.next_refresh = int(low["updates"]), int(low["next_refresh"])
                 pj.gap, pj.refreshes = int(low["gap"]), int(low["refreshes"])
                 pj.sims.clear()
                 pj.sims.extend(float(x) for x in low["sims"])
+                if pj.seeded:  # nothing stored: the key follows from the name and the refresh count
+                    pj.sync_key()
                 if method != pj.method:
                     _note(
                         f"lowrank: {name}: checkpoint projector came from {method!r}; "
@@ -223,9 +237,14 @@ def _full_size(
     side: pm.Side = "left" if int(low["side"]) == 0 else "right"
     rank, method = int(low["rank"]), _METHODS[int(low["method"])]
     stored = _dec(low["projector"], dev)
+    d = shape[0] if side == "left" else shape[1]
     if method == "dct":
-        d = shape[0] if side == "left" else shape[1]
         stored = pm.dct_basis(d, torch.float32, dev).index_select(1, stored.long())
+    elif method in SEEDED_PROJECTORS:
+        from lowrank_compile.runtime.state import name_seed
+
+        key = pm.seed_key(name_seed(name), int(low["refreshes"]))
+        stored = pm.seeded_projector(method, torch.tensor([key], device=dev), d, rank, min(shape[:2]))
     _note(
         f"lowrank: {name}: checkpoint states were projected (rank {rank}, {side}); they were "
         "projected back to full size (second moments approximately)"
@@ -271,6 +290,11 @@ def forget(st: Any) -> None:
         st.binding.invalidate()
 
 
+def _family(method: str) -> str:
+    """What a stored projector entry holds: dct indices, nothing (seeded, one family per kind), a matrix."""
+    return method if method == "dct" or method in SEEDED_PROJECTORS else "matrix"
+
+
 def _into_projection(st: Any, states: dict[str, Any]) -> dict[str, Any]:
     """Full-size states into `st`'s projection: P from the first moment's top singular vectors."""
     pj = st.proj
@@ -281,17 +305,24 @@ def _into_projection(st: Any, states: dict[str, Any]) -> dict[str, Any]:
     if pj.index is not None:
         pj.index.copy_(pm.dct_indices(first.float(), pj.basis.float(), pj.rank, pj.side))
         new = pj.basis.index_select(1, pj.index).float()
+    elif pj.seeded:  # the first seeded projector; nothing to choose
+        pj.refreshes = max(pj.refreshes, 1)
+        pj.sync_key()
+        new = pj.projector().float()
     else:
         new = pm.svd_projector(first.float(), pj.rank, pj.side, st.config.svd_signs)
-        pj.p.copy_(new.to(pj.p.dtype))
+        pj.set_matrix(new)
     pj.has_p = True
     pj.pending_p = None
     step = next((v for v in states.values() if v.dim() == 0), None)
     pj.updates = int(step.item()) if step is not None else 0
     pj.next_refresh = pj.updates + pj.gap
+    onto = f"the top-{pj.rank} singular vectors of the first moment"
+    if pj.seeded:
+        onto = f"its seeded {pj.method} projector"
     _note(
-        f"lowrank: {st.plan.name}: full-size optimizer states were projected onto the top-{pj.rank} "
-        "singular vectors of the first moment (second moments approximately)"
+        f"lowrank: {st.plan.name}: full-size optimizer states were projected onto {onto} "
+        "(second moments approximately)"
     )
     return {k: v if v.dim() == 0 else _project_state(k, v.float(), new, pj.side) for k, v in states.items()}
 

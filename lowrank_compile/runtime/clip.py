@@ -150,7 +150,7 @@ def residual_estimate(
     sq_r: torch.Tensor,
     clip_y: torch.Tensor,
     clip_diag: torch.Tensor,
-    p: torch.Tensor,
+    p: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(estimate of ||G||^2, its variance) for a projected gradient summed over several calls.
 
@@ -163,13 +163,19 @@ def residual_estimate(
       (`clip_diag`), an unbiased estimate of C. The estimate is their mean, and its variance
       is estimated from their spread.
     With one backward call C = 0 and every t_c is 0 up to rounding.
+    `p` None (a seeded projector, whose columns are not orthonormal): nothing is exact but the
+    sum of the calls' own energies, E = A, and the sketch estimates every cross term.
     """
     stat = sq.dtype
-    r = r_acc.to(stat)
-    exact = (r * r).sum()
+    if p is None:
+        exact = torch.zeros((), dtype=stat, device=sq.device)
+        ey = clip_y.to(stat)
+    else:
+        r = r_acc.to(stat)
+        exact = (r * r).sum()
+        pc = p.to(clip_y.dtype)
+        ey = (clip_y - pc @ (pc.t() @ clip_y)).to(stat)
     diag = (sq - sq_r).clamp_min(0)
-    pc = p.to(clip_y.dtype)
-    ey = (clip_y - pc @ (pc.t() @ clip_y)).to(stat)
     t = (ey * ey).sum(0) - clip_diag
     k = t.numel()
     var = t.var() / k if k > 1 else torch.zeros((), dtype=stat, device=t.device)
@@ -196,9 +202,8 @@ def _norm_of(st: Any, norm_type: float, variances: list[torch.Tensor], estimated
                 "full-size gradient buffers while accumulating (eager-size memory, exact for every norm), or "
                 "exclude the parameter (options={'exclude': [...]})."
             )
-        sq, var = residual_estimate(
-            pj.r_acc, pj.sq, pj.sq_r, pj.clip_y, pj.clip_diag, st.accumulated_projector()
-        )
+        p = None if pj.seeded else st.accumulated_projector()
+        sq, var = residual_estimate(pj.r_acc, pj.sq, pj.sq_r, pj.clip_y, pj.clip_diag, p)
         variances.append(var)
         estimated.append(st.plan.name)
         return sq.sqrt().to(st.view.dtype)

@@ -14,6 +14,12 @@ Refresh methods (the `projector` option):
   one subspace iteration per refresh.
 - "dct": one orthonormal DCT-II basis per size, shared by all layers. A layer keeps the indices
   of the r basis vectors best aligned with its gradient (largest norms of Q^T A).
+- "sparse" / "gaussian" (`seeded_projector`): a d x r random matrix that is a pure function of a
+  32-bit key (the parameter's name and refresh count, `seed_key`). It is regenerated wherever it
+  is needed (inside the compiled backward and update, by integer hashing of the element index)
+  and never stored. Entries have variance 1/r, as FLORA's and APOLLO's projections: E[P P^T] = I,
+  so back(proj(G)) is an unbiased sketch of G rather than an orthogonal projection, and the
+  back-projected update is about sqrt(d / r) times larger than with an orthonormal P.
 
 All functions are pure torch and are used both at refresh time and by the tests.
 """
@@ -34,6 +40,8 @@ __all__ = [
     "project",
     "project_back",
     "random_orthonormal",
+    "seed_key",
+    "seeded_projector",
     "canonical_signs",
     "range_finder",
     "sketch_sizes",
@@ -163,3 +171,67 @@ def energy_captured(g: torch.Tensor, p: torch.Tensor, side: Side) -> float:
     """||P^T A||^2 / ||A||^2: the fraction of the gradient's energy inside the projector's span."""
     a = _as_a(g, side).double()
     return float((p.double().t() @ a).norm() ** 2 / a.norm() ** 2)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser on int64 values below 2**32 (xorshift-multiply rounds).
+
+    Every product stays below 2**63 (multiplier < 2**27), so nothing overflows and the same bits
+    come out of eager torch, Inductor's C++ and Triton, on any device.
+    """
+    h = ((h ^ (h >> 16)) * 0x45D9F3B) & _MASK32
+    h = ((h ^ (h >> 16)) * 0x45D9F3B) & _MASK32
+    return h ^ (h >> 16)
+
+
+def seed_key(base: int, refresh: int) -> int:
+    """The 32-bit key of a parameter's seeded projector after `refresh` refreshes.
+
+    `base` comes from the parameter's name (the same in every process and after a resume).
+    """
+    h = (base * 0x9E3779B1 + refresh * 0x85EBCA77 + 0x165667B1) & _MASK32
+    for _ in range(2):
+        h = ((h ^ (h >> 16)) * 0x45D9F3B) & _MASK32
+    return h ^ (h >> 16)
+
+
+def sparse_density(short: int) -> float:
+    """The very sparse projection's s for a matrix whose short side is `short`: sqrt(short), at least 1."""
+    return max(1.0, math.sqrt(short))
+
+
+def seeded_projector(
+    kind: str, key: torch.Tensor, d: int, r: int, short: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The d x r seeded random projector for `key` (an int64 tensor of one element, < 2**32).
+
+    Traceable and pointwise in the element index, so Inductor computes it inside the graph that
+    uses it. The values depend only on (kind, key, d, r, short), bit for bit, on every device:
+    - "sparse": the very sparse random projection (Li, Hastie and Church 2006; FastRP): with
+      s = sqrt(short), the short side of the gradient, each entry is +sqrt(s/r) or -sqrt(s/r) with
+      probability 1/(2s) each (to 2**-24), else 0.
+    - "gaussian": approximately N(0, 1/r): the sum of 12 uniform 16-bit numbers (Irwin-Hall),
+      centred and summed in integers, then scaled by a power of two and one fp32 constant, so no
+      transcendental function (whose last bit differs between libraries) is involved. Mean 0,
+      variance 1/r up to 2**-32 relative; the tails end at 6 standard deviations.
+    """
+    idx = torch.arange(d * r, device=key.device, dtype=torch.int64).view(d, r)
+    h0 = _mix32(((idx * 0x9E3779B1) & _MASK32) ^ key.view(()))
+    if kind == "sparse":
+        s = sparse_density(short)
+        hit = (h0 >> 8) < int((1 << 24) / s)
+        mag = math.sqrt(s / r)
+        val = torch.where((h0 & 1) == 1, mag, -mag)
+        return torch.where(hit, val, 0.0).to(dtype)
+    if kind == "gaussian":
+        total = torch.zeros_like(h0)
+        for stream in range(6):
+            h = _mix32(h0 ^ (0x27D4EB2F * (stream + 1) & _MASK32)) if stream else h0
+            total = total + (h >> 16) + (h & 0xFFFF)
+        # sum of 12 (v + 1/2) / 65536, minus 6, times 2**17: an integer below 2**24 in magnitude.
+        centred = 2 * total + 12 - 12 * 65536
+        return (centred.to(torch.float32) * (2.0**-17) * (1.0 / math.sqrt(r))).to(dtype)
+    raise ValueError(f"unknown seeded projector {kind!r}")

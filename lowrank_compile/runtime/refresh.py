@@ -14,6 +14,11 @@
 
 `after_update(st)` counts the update and installs a pending projector.
 
+Seeded projectors (sparse, gaussian) need no gradient to refresh: `advance_seeded` moves the key
+to the next refresh as soon as the coming update is due, before that update's first backward
+call reads it, so R is accumulated with the projector the update uses (no lag, no refresh
+variant of the backward graph).
+
 An SVD that fails or returns non-finite values never produces NaNs or zeros. The previous
 projector is kept, with one warning. Before the first projector exists, a QR range finder and
 then the first DCT columns are used instead.
@@ -30,7 +35,7 @@ from lowrank_compile.runtime.state import SIM_THRESHOLD
 from lowrank_compile.runtime.state import ParamState
 from lowrank_compile.runtime.state import Projection
 
-__all__ = ["after_update", "prepare"]
+__all__ = ["advance_seeded", "after_update", "prepare"]
 
 # Second-moment state keys: rotated with the elementwise square of the change of basis.
 SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
@@ -117,7 +122,7 @@ def _install(st: ParamState, new: torch.Tensor) -> None:
         assert pj.index is not None
         pj.index.copy_(new)
     else:
-        pj.p.copy_(new.to(pj.p.dtype))
+        pj.set_matrix(new)
     cur = pj.projector()
     _track_similarity(st, old, cur)
     if old is not None and st.config.rotate_states:
@@ -127,10 +132,26 @@ def _install(st: ParamState, new: torch.Tensor) -> None:
     pj.next_refresh = pj.updates + pj.gap
 
 
+def advance_seeded(st: ParamState) -> None:
+    """A seeded projector due for a refresh moves to its next key (states rotated when asked)."""
+    pj = st.proj
+    assert pj is not None
+    if not pj.seeded or not pj.refresh_due():
+        return
+    old = pj.projector() if pj.has_p and st.config.rotate_states else None
+    pj.refreshes += 1
+    pj.sync_key()
+    pj.has_p = True
+    pj.next_refresh = pj.updates + pj.gap
+    if old is not None:
+        _rotate_states(st, old, pj.projector())
+
+
 def prepare(st: ParamState) -> None:
     """Leave this update's low-rank gradient in `st.proj.r_acc` (refreshing the projector if due)."""
     pj = st.proj
     assert pj is not None
+    advance_seeded(st)
     due = pj.refresh_due()
     if pj.bwd_refreshed:
         _install_from_backward(st)
@@ -160,7 +181,8 @@ def _install_from_backward(st: ParamState) -> None:
     pj = st.proj
     assert pj is not None and pj.refresh_buf is not None
     new, pj.refresh_buf, pj.bwd_refreshed = pj.refresh_buf, None, False
-    err = refresh_op.failed(st.plan.name, pj.index if pj.index is not None else pj.p)
+    err = refresh_op.failed(st.plan.name, pj.index if pj.index is not None else pj.current_matrix_input())
+    pj.src_cache = None
     if err is not None and (pj.has_p or pj.method == "dct"):
         # The op passed the current projector through, so R is consistent with keeping it.
         _warn_once(f"lowrank: refresh failed for {st.plan.name} ({err}); keeping the previous projector")

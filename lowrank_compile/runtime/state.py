@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from lowrank_compile.config import SEEDED_PROJECTORS
 from lowrank_compile.config import LowRankConfig
 from lowrank_compile.plan import Kind
 from lowrank_compile.plan import ParamPlan
@@ -51,9 +52,11 @@ class Projection:
 
     side: proj_math.Side
     rank: int
-    method: str  # svd | randomized | dct
+    method: str  # svd | randomized | dct | sparse | gaussian
     shape: tuple[int, int]
-    p: torch.Tensor  # d x r projector (svd/randomized); for dct the shared basis' columns `index`
+    # d x r projector (svd/randomized); empty for dct (the shared basis' columns `index`) and for
+    # the seeded projectors (regenerated from `key`).
+    p: torch.Tensor
     r_acc: torch.Tensor  # low-rank gradient accumulator
     sq: torch.Tensor  # 0-d: sum of G^2 over the step's backward calls
     amax: torch.Tensor  # 0-d: max |G| over the step's backward calls
@@ -62,6 +65,18 @@ class Projection:
     virtual: torch.Tensor
     basis: torch.Tensor | None = None  # dct: the shared d x d basis
     index: torch.Tensor | None = None  # dct: the r chosen columns
+    # sparse/gaussian: (1,) int64, the 32-bit key the projector is generated from
+    # (projector.seed_key(seed_base, refreshes)), a graph input; `seed_base` comes from the name.
+    key: torch.Tensor | None = None
+    seed_base: int = 0
+    # projector_bits < 32 (runtime/projector_quant.py): the matrix as codes + per-group
+    # [scale, lo]; `p` is then empty.
+    pbits: int = 32
+    pcodes: torch.Tensor | None = None
+    pqparams: torch.Tensor | None = None
+    # Quantized projectors in a refresh step: the current matrix dequantized once for the
+    # refresh op's pass-through input (runtime/refresh_op.py), dropped once installed.
+    src_cache: torch.Tensor | None = None
     full: torch.Tensor | None = None  # full-size accumulator, svd/dct refresh steps only
     omega: torch.Tensor | None = None  # randomized: e x k test matrix of the sketch Y = A Omega
     sketch_y: torch.Tensor | None = None  # randomized: d x k
@@ -97,11 +112,56 @@ class Projection:
         """True when the coming update refreshes the projector."""
         return self.updates >= self.next_refresh
 
+    @property
+    def seeded(self) -> bool:
+        """True for the projectors that are regenerated from a key and never stored."""
+        return self.key is not None
+
     def projector(self) -> torch.Tensor:
-        """The current d x r projector (materialised from the basis for dct)."""
+        """The current d x r projector (gathered from the basis for dct, generated when seeded)."""
         if self.basis is not None and self.index is not None:
             return self.basis.index_select(1, self.index)
+        if self.key is not None:
+            return self.seeded_matrix(self.key)
+        if self.pcodes is not None:
+            from lowrank_compile.runtime import projector_quant
+
+            assert self.pqparams is not None
+            return projector_quant.dequantize(
+                self.pcodes, self.pqparams, self.pbits, self.reduced, self.rank, self.p.dtype
+            )
         return self.p
+
+    def set_matrix(self, new: torch.Tensor) -> None:
+        """Store `new` (d x r) as the projector matrix (quantized under `projector_bits` < 32)."""
+        if self.pcodes is None:
+            self.p.copy_(new.to(self.p.dtype))
+            return
+        from lowrank_compile.runtime import projector_quant
+
+        assert self.pqparams is not None
+        codes, qparams = projector_quant.quantize(new, self.pbits)
+        self.pcodes.copy_(codes)
+        self.pqparams.copy_(qparams)
+
+    def current_matrix_input(self) -> torch.Tensor:
+        """The current projector as the refresh op's pass-through input (kept for the step if quantized)."""
+        if self.pcodes is None:
+            return self.p
+        if self.src_cache is None:
+            self.src_cache = self.projector()
+        return self.src_cache
+
+    def seeded_matrix(self, key: torch.Tensor) -> torch.Tensor:
+        """The seeded projector for `key`, in the projector's dtype (`p`'s)."""
+        return proj_math.seeded_projector(
+            self.method, key, self.reduced, self.rank, min(self.shape), self.p.dtype
+        )
+
+    def sync_key(self) -> None:
+        """Point `key` at the projector of refresh number `refreshes` (seeded projectors)."""
+        assert self.key is not None
+        self.key.fill_(proj_math.seed_key(self.seed_base, self.refreshes))
 
     def low_rank_shape(self) -> tuple[int, int]:
         """Shape of R."""
@@ -203,6 +263,16 @@ class ParamState:
         assert pj is not None, role
         if role == "proj":
             return pj.p
+        if role in ("pcodes", "pqparams"):
+            t = getattr(pj, role)
+            assert t is not None, role
+            return t
+        if role == "pkey":
+            from lowrank_compile.runtime.refresh import advance_seeded
+
+            advance_seeded(self)
+            assert pj.key is not None
+            return pj.key
         if role == "basis":
             if pj.basis is None:  # svd in refresh mode: the op takes an empty basis
                 return torch.zeros(0, device=self.view.device, dtype=self.view.dtype)
@@ -243,7 +313,7 @@ class ParamState:
 
         pj = self.proj
         assert pj is not None
-        current = pj.index if pj.index is not None else pj.p
+        current = pj.index if pj.index is not None else pj.current_matrix_input()
         due = pj.refresh_due()
         if role == "refresh_code":
             code = refresh_op.PASS
@@ -300,13 +370,23 @@ class ParamState:
         cfg, v = self.config, self.view
         return clip_test_matrix(pj.kept, cfg.clip_sketch, v.dtype, v.device, self.rounds)
 
+    def clip_k(self) -> int:
+        """Width of this parameter's clip residual sketch (0 = none).
+
+        None for full-rank parameters and under `grad_accumulation="full"` (the full buffer is exact).
+        """
+        pj = self.proj
+        if pj is None or self.config.grad_accumulation == "full":
+            return 0
+        return self.config.clip_sketch
+
     def clip_buffers(self) -> tuple[torch.Tensor, ...] | None:
         """(clip_omega, clip_y, clip_diag, sq_r) for eager accumulation, or None when the sketch is off."""
-        if self.proj is None or self.config.clip_sketch == 0 or self.config.grad_accumulation == "full":
+        if self.clip_k() == 0:
             return None
         self._ensure_clip_sketch()
         pj = self.proj
-        assert pj.clip_y is not None and pj.clip_diag is not None and pj.sq_r is not None
+        assert pj is not None and pj.clip_y is not None and pj.clip_diag is not None and pj.sq_r is not None
         return (self.clip_omega(), pj.clip_y, pj.clip_diag, pj.sq_r)
 
     def accumulated_projector(self) -> torch.Tensor:
@@ -316,6 +396,10 @@ class ParamState:
         if pj.bwd_refreshed and pj.refresh_buf is not None:
             if pj.basis is not None:
                 return pj.basis.index_select(1, pj.refresh_buf)
+            if pj.pcodes is not None:  # as the backward's refresh consumer: P as stored
+                from lowrank_compile.runtime.projector_quant import roundtrip
+
+                return roundtrip(pj.refresh_buf, pj.pbits)
             return pj.refresh_buf
         return pj.projector()
 
@@ -333,8 +417,10 @@ class ParamState:
             from lowrank_compile.passes.consume_grads import consume_full
             from lowrank_compile.passes.consume_grads import consume_project
             from lowrank_compile.passes.consume_grads import consume_stats
+            from lowrank_compile.runtime.refresh import advance_seeded
 
             pj = self.proj
+            advance_seeded(self)
             refreshing = pj.refresh_due()
             fresh = constant(g.device, self.fresh)
             # The consumers the compiled backward runs, called eagerly.
@@ -363,6 +449,7 @@ class ParamState:
                     left=left,
                     sketch=sketch,
                     clip=clip is not None,
+                    orthonormal=not pj.seeded,
                 )
         self.fresh = False
         self.calls_since_zero += 1
@@ -412,14 +499,14 @@ class ParamState:
             if t is not None:
                 t.zero_()
         # A projector chosen from the discarded gradient is forgotten: the next backward chooses.
-        pj.refresh_buf, pj.bwd_refreshed = None, False
+        pj.refresh_buf, pj.bwd_refreshed, pj.src_cache = None, False, None
 
     def _drop_step_buffers(self) -> None:
         pj = self.proj
         assert pj is not None
         pj.full = None
         pj.omega = pj.sketch_y = None
-        pj.refresh_buf, pj.bwd_refreshed = None, False
+        pj.refresh_buf, pj.bwd_refreshed, pj.src_cache = None, False, None
 
     def owned_bytes(self) -> dict[str, int]:
         """Bytes of the tensors this state owns, by category."""
@@ -431,7 +518,7 @@ class ParamState:
             return {"gradients": nbytes(self.grad), "projectors": 0}
         pj = self.proj
         projector = nbytes(pj.index) if pj.index is not None else nbytes(pj.p, pj.pending_p)
-        projector += nbytes(pj.refresh_buf)
+        projector += nbytes(pj.refresh_buf, pj.pcodes, pj.pqparams, pj.src_cache)
         return {
             "gradients": nbytes(
                 pj.r_acc, pj.sq, pj.amax, pj.full, pj.sketch_y, pj.clip_y, pj.clip_diag, pj.sq_r
@@ -469,6 +556,11 @@ def _seed(name: str, refresh: int) -> int:
     return (zlib.crc32(name.encode()) * 1_000_003 + refresh) % (2**63)
 
 
+def name_seed(name: str) -> int:
+    """The 32-bit seed of a parameter's seeded projectors: a function of its name only."""
+    return _seed(name, 0) & 0xFFFFFFFF
+
+
 def _make_projection(p: torch.Tensor, plan: ParamPlan, config: LowRankConfig) -> Projection:
     assert plan.rank is not None and plan.side in ("left", "right")
     side: proj_math.Side = "left" if plan.side == "left" else "right"
@@ -479,15 +571,25 @@ def _make_projection(p: torch.Tensor, plan: ParamPlan, config: LowRankConfig) ->
     low = (r, n) if side == "left" else (m, r)
     dev, dt = p.device, p.dtype
     basis = index = None
+    key = None
     if config.projector == "dct":
         basis = proj_math.dct_basis(d, dt, dev)
         index = torch.arange(r, device=dev)
         pmat = torch.zeros(0, device=dev, dtype=dt)  # dct keeps indices only
+    elif config.projector in SEEDED_PROJECTORS:
+        key = torch.zeros(1, device=dev, dtype=torch.int64)
+        pmat = torch.zeros(0, device=dev, dtype=dt)  # regenerated from the key
     elif config.projector == "randomized":
         # Used for the first update only, while the first sketch is collected (see refresh.py).
         pmat = proj_math.random_orthonormal(d, r, _seed(plan.name, -1), dev).to(dt)
     else:
         pmat = torch.zeros(d, r, device=dev, dtype=dt)
+    pcodes = pqparams = None
+    if config.projector_bits != 32:
+        from lowrank_compile.runtime import projector_quant
+
+        pcodes, pqparams = projector_quant.quantize(pmat, config.projector_bits)
+        pmat = torch.zeros(0, device=dev, dtype=dt)  # the codes hold it
     return Projection(
         side=side,
         rank=r,
@@ -502,6 +604,11 @@ def _make_projection(p: torch.Tensor, plan: ParamPlan, config: LowRankConfig) ->
         virtual=shared_scratch(low, compute_dtype(dt), dev),
         basis=basis,
         index=index,
+        key=key,
+        seed_base=name_seed(plan.name),
+        pbits=config.projector_bits,
+        pcodes=pcodes,
+        pqparams=pqparams,
         gap=config.update_gap,
     )
 
