@@ -322,6 +322,13 @@ class LowRankBackend:
             binding.install()
         st = ParamState.create(p, pp, self.config)
         binding.add(st)
+        if self.config.state_bits == 8:
+            # The 8-bit code tables (128 KiB each, cached per device), built now rather than
+            # inside the first step, whose peak they would otherwise join.
+            from lowrank_compile.runtime import quant
+
+            for signed in (True, False):
+                quant.code_table(signed, p.device)
         entry = opt.state.pop(p, None)
         if entry:
             # A loaded checkpoint, or states of eager steps taken before the first compiled one.

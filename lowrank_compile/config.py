@@ -94,6 +94,11 @@ OPTION_DOCS: dict[str, tuple[str, str]] = {
         "32 | 8",
         "storage of the optimizer states the backend owns: 8 = block-wise 8-bit (tensors of >= 4096 values)",
     ),
+    "stochastic_rounding": (
+        "bool",
+        "bf16 parameters: round each updated weight to bf16 stochastically (unbiased: an update below half a "
+        "bf16 step still moves the weight on average) instead of to nearest; other dtypes: warns, no effect",
+    ),
     "min_dim": (
         "int >= 1",
         "parameters whose short side is below this stay with torch.optim (1-D ones always do)",
@@ -124,6 +129,7 @@ class LowRankConfig:
     clip_sketch: int = 16
     check_ranks: bool = False
     state_bits: int = 8
+    stochastic_rounding: bool = False
     min_dim: int = 32
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -208,7 +214,7 @@ def _validate(cfg: LowRankConfig) -> None:
         )
     if cfg.svd_signs not in SVD_SIGNS:
         raise _fail("svd_signs", cfg.svd_signs)
-    for name in ("adaptive_gap", "rotate_states", "check_ranks"):
+    for name in ("adaptive_gap", "rotate_states", "check_ranks", "stochastic_rounding"):
         if not isinstance(getattr(cfg, name), bool):
             raise _fail(name, getattr(cfg, name))
     if cfg.grad_accumulation not in GRAD_ACCUMULATION:

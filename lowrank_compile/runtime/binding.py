@@ -135,7 +135,7 @@ def _update_one(
 ) -> None:
     """One parameter's update: its rule on the backend's tensors, states loaded and stored.
 
-    `sig` = (rule, first, projected, side, decay, dct, scale, layout, as_blocks, settles):
+    `sig` = (rule, first, projected, side, decay, dct, scale, layout, as_blocks, settles, sr):
     constants Dynamo guards on. `dct` says how the projector arrives: None (the matrix in
     `basis`), "dct" (`basis` and column `index`), "sparse"/"gaussian" (generated here from the
     key in `basis`, runtime/projector.py), or "q16"/"q8"/"q4" (codes in `basis`, group scales in
@@ -150,9 +150,9 @@ def _update_one(
     rule on `virtual` (zeroed) from R = `grad`, then apply W <- W * (1 - lr * wd) +
     back(scale * v); an L2 decay adds wd * proj(W) to R instead. `salt` (int64, 1 element) is
     the parameter's update counter: it seeds the stochastic rounding of the 8-bit settle rule
-    (runtime/quant.py).
+    (runtime/quant.py) and, with `sr` (bf16 weights, `stochastic_rounding=True`), of the weight.
     """
-    rule, first, projected, side, decay, dct, scale, layout, as_blocks, settles = sig
+    rule, first, projected, side, decay, dct, scale, layout, as_blocks, settles, sr = sig
     stores: list[list[torch.Tensor]] = []
     i = 0
     for kind in layout:
@@ -213,8 +213,16 @@ def _update_one(
             if kind[0] == "q":
                 _save(store, kind, value, as_blocks, old, settle, salt)
     if p.dtype != target.dtype:
-        target.view(shape).copy_(p)
-    if projected:
+        # A full-rank bf16 weight is `target` itself: its one rounding is the stochastic one.
+        target.view(shape).copy_(quant.stochastic_round_bf16(p, salt) if sr and not projected else p)
+    if projected and sr:
+        # The decay and the back-projection in fp32, then one stochastic rounding to bf16.
+        new = w.float()
+        if decay == "decoupled":
+            new = new * (1 - lr * wd)
+        new = new + pm.project_back((target * scale).float(), pmat.float(), side)
+        w.copy_(quant.stochastic_round_bf16(new, salt))
+    elif projected:
         if decay == "decoupled":
             w.mul_(1 - lr * wd)
         # Scale the small R-shaped tensor, not through `alpha`: Inductor's add(mm) <-> addmm
@@ -577,6 +585,14 @@ class OptimizerBinding:
         # codes, at ~40% less cost for the 8-bit update. One reduction (`all()`) decides; on an
         # accelerator that would be a host sync per parameter, so there the rule always runs.
         signed_q = any(k[:2] == ("q", True) for k in layout)
+        sr = self.config.stochastic_rounding and st.view.dtype == torch.bfloat16
+        if self.config.stochastic_rounding and not sr:
+            from lowrank_compile.backend import warn_once
+
+            warn_once(
+                f"lowrank: stochastic_rounding=True has no effect on {st.plan.name} ({st.view.dtype}): "
+                "it rounds bf16 weights only"
+            )
         sig: tuple[Any, ...]
 
         def settles_for(g: torch.Tensor) -> bool:
@@ -597,6 +613,7 @@ class OptimizerBinding:
                 layout,
                 as_blocks,
                 settles,
+                sr,
             )
             return sig, (st.view, grad, it.lr, it.wd_t, hps, None, None, None, salt, *flat)
         # How the projector arrives: a matrix (None), dct (basis + indices) or seeded (its key).
@@ -605,7 +622,7 @@ class OptimizerBinding:
             dct = f"q{pj.pbits}"
         # A projected L2 decay adds wd * proj(W) before the settle mask is taken: always settle.
         settles = signed_q and (decay in ("l2", "l2-max") or settles_for(pj.r_acc))
-        sig = (it.rule, it.first, True, pj.side, decay, dct, scale, layout, as_blocks, settles)
+        sig = (it.rule, it.first, True, pj.side, decay, dct, scale, layout, as_blocks, settles, sr)
         basis, index = (pj.basis, pj.index) if dct == "dct" else (pj.key, None) if dct else (pj.p, None)
         if pj.pcodes is not None:
             basis, index = pj.pcodes, pj.pqparams
