@@ -14,7 +14,7 @@ batches and lr for every contender:
   from a post-accumulate-grad hook, so gradients are freed layer by layer);
 - torchao.optim.AdamW8bit; bitsandbytes AdamW8bit;
 - lowrank with 32-bit and with 8-bit (default) states, and 8-bit with the seeded projectors
-  (`projector="sparse"`, `"gaussian"`: nothing stored);
+  (`projector="sparse"`, `"gaussian"`: nothing stored) or with `projector_bits=4`;
 - eager AdamW and lowrank 8-bit with activation checkpointing (transformers' default);
 - lowrank 8-bit with clip_grad_norm_(1.0), without and with 4 micro-batches of gradient
   accumulation (the same micro-batch, so the same activations): the clip norm under accumulation
@@ -69,6 +69,7 @@ CONTENDERS = [
     "lowrank 8-bit",
     "lowrank 8-bit sparse",
     "lowrank 8-bit gaussian",
+    "lowrank 8-bit 4-bit projectors",
     "eager AdamW + activation checkpointing",
     "lowrank 8-bit + activation checkpointing",
     "lowrank 8-bit + clipping",
@@ -216,6 +217,8 @@ def make_contender(name: str, model: torch.nn.Module) -> tuple[Callable[[torch.T
         for projector in ("sparse", "gaussian"):
             if name.endswith(f" {projector}"):
                 options["projector"] = projector
+        if name.endswith(" 4-bit projectors"):
+            options["projector_bits"] = 4
         return torch.compile(step, backend="lowrank", options=options), [opt]
     return step, [opt]
 
