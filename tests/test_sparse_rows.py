@@ -194,7 +194,7 @@ def test_compiled_8bit_update_matches_torch_optim_and_reference_encoder(name, sh
     The reference is torch.optim's own step in fp32 on those states, then the eager encoder
     (`quant.encode_blockwise`, with the settle rule on the elements without gradient); the
     backend runs its compiled (Inductor) update, which traces the settle rule only for a
-    gradient with an exact zero (the `settles` flag, last in each compiled update's signature).
+    gradient with an exact zero (the `settles` flag, the 10th field of each compiled update's signature).
     """
     make, hp = RULES[name]
     gen = torch.Generator().manual_seed(7)
@@ -241,7 +241,7 @@ def test_compiled_8bit_update_matches_torch_optim_and_reference_encoder(name, sh
             compared += codes.numel()
     assert compared > 0 and mismatched <= 1e-4 * compared, (mismatched, compared)
     assert st_.binding is not None
-    settles = {sig[-1] for sig, _ in st_.binding._compiled}
+    settles = {sig[9] for sig, _ in st_.binding._compiled}  # _update_one's sig: (..., settles, sr)
     assert settles == {sparse}, settles
 
 
