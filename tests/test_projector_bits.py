@@ -7,20 +7,15 @@ SVD's, stored and read back the same way; and the backward and update really rea
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from galore_reference import GaLoreReference
 from galore_reference import svd_basis
-from models import mlp
-from models import mlp_batch
-from models import mlp_loss
+from helpers import input_roles
+from helpers import train_beside_galore_reference
 
 import lowrank_compile
 from lowrank_compile import LowRankOptionError
 from lowrank_compile.runtime import projector_quant as pq
-from lowrank_compile.runtime.state import ParamState
 from lowrank_compile.runtime.state import lookup
 
 PROJECTED = ["0.weight", "2.weight"]
@@ -56,44 +51,16 @@ def test_sixteen_bit_is_fp16():
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_training_matches_the_galore_reference_with_the_stored_projector(bits, monkeypatch):
-    roles: set[str] = set()
-    input_for = ParamState.input_for
-
-    def spy(self, role):
-        roles.add(role)
-        return input_for(self, role)
-
-    monkeypatch.setattr(ParamState, "input_for", spy)
-    base = mlp().double()
-    rm, cm = copy.deepcopy(base), copy.deepcopy(base)
+    roles = input_roles(monkeypatch)
 
     def make(ps):
         return torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99))
 
-    ro, co = make(rm.parameters()), make(cm.parameters())
-
     def basis(name, g, side, k):  # GaLore's SVD projector, as it reads back from its codes
         return pq.roundtrip(svd_basis(g, 8, side), bits).to(g.dtype)
 
-    ref = GaLoreReference(rm, ro, PROJECTED, 8, 3, 0.25, "std", "adamw", basis=basis)
-    opts = {"rank": 8, "update_gap": 3, "state_bits": 32, "min_dim": 4, "projector_bits": bits}
-
-    def step(batch):
-        mlp_loss(cm, batch).backward()
-        co.step()
-        co.zero_grad()
-
-    cstep = torch.compile(step, backend="lowrank", options=opts)
-    for i in range(7):  # refreshes at updates 0, 3 and 6
-        x, y = mlp_batch(i)
-        mlp_loss(rm, (x.double(), y)).backward()
-        ref.step()
-        ref.zero_grad()
-        cstep((x.double(), y))
-        pairs = zip(cm.parameters(), rm.parameters())
-        worst = max(((a - b).abs().max() / b.abs().max()).item() for a, b in pairs)
-        # float64 model; the codes come from the same SVD on both sides (measured <= 1.3e-15).
-        assert worst <= 1e-12, (i, worst)
+    # float64 model; the codes come from the same SVD on both sides (measured <= 1.3e-15).
+    cm = train_beside_galore_reference(make, "adamw", basis, {"projector_bits": bits}, PROJECTED, tol=1e-12)
     for n in PROJECTED:
         st = lookup(dict(cm.named_parameters())[n])
         assert st.proj.pcodes is not None and st.proj.p.numel() == 0 and st.proj.refreshes == 3

@@ -18,7 +18,8 @@ import math
 
 import pytest
 import torch
-from galore_reference import GaLoreReference
+from helpers import input_roles
+from helpers import train_beside_galore_reference
 from models import mlp
 from models import mlp_batch
 from models import mlp_loss
@@ -26,7 +27,6 @@ from models import mlp_loss
 import lowrank_compile
 from lowrank_compile import LowRankOptionError
 from lowrank_compile.runtime import projector as pm
-from lowrank_compile.runtime.state import ParamState
 from lowrank_compile.runtime.state import lookup
 from lowrank_compile.runtime.state import name_seed
 
@@ -101,38 +101,11 @@ OPTIMIZERS = {
 # Two of the four (kind, rule) pairs: each compiles its own backward and update (~80 s on 2 cores).
 @pytest.mark.parametrize("kind, rule", [("sparse", "adamw"), ("gaussian", "sgd")])
 def test_training_matches_the_galore_reference_with_the_same_projectors(kind, rule, monkeypatch):
-    roles: set[str] = set()
-    input_for = ParamState.input_for
-
-    def spy(self, role):
-        roles.add(role)
-        return input_for(self, role)
-
-    monkeypatch.setattr(ParamState, "input_for", spy)
+    roles = input_roles(monkeypatch)
     make, ref_rule = OPTIMIZERS[rule]
-    base = mlp().double()
-    rm, cm = copy.deepcopy(base), copy.deepcopy(base)
-    ro, co = make(rm.parameters()), make(cm.parameters())
     basis = _seeded_basis(kind, torch.float64)
-    ref = GaLoreReference(rm, ro, PROJECTED, 8, 3, 0.25, "std", ref_rule, basis=basis)
-    opts = {"rank": 8, "update_gap": 3, "state_bits": 32, "min_dim": 4, "projector": kind}
-
-    def step(batch):
-        mlp_loss(cm, batch).backward()
-        co.step()
-        co.zero_grad()
-
-    cstep = torch.compile(step, backend="lowrank", options=opts)
-    for i in range(7):  # refreshes at updates 0, 3 and 6
-        x, y = mlp_batch(i)
-        mlp_loss(rm, (x.double(), y)).backward()
-        ref.step()
-        ref.zero_grad()
-        cstep((x.double(), y))
-        # float64 on both sides; what differs is summation order in the GEMMs: measured <= 1.3e-15.
-        pairs = zip(cm.parameters(), rm.parameters())
-        worst = max(((a - b).abs().max() / b.abs().max()).item() for a, b in pairs)
-        assert worst <= 1e-12, (i, worst)
+    # float64 on both sides; what differs is summation order in the GEMMs: measured <= 1.3e-15.
+    cm = train_beside_galore_reference(make, ref_rule, basis, {"projector": kind}, PROJECTED, tol=1e-12)
     for n, p in cm.named_parameters():
         st = lookup(p)
         if n in PROJECTED:

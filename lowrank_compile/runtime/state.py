@@ -373,7 +373,7 @@ class ParamState:
     def clip_k(self) -> int:
         """Width of this parameter's clip residual sketch (0 = none).
 
-        None for full-rank parameters and under `grad_accumulation="full"` (the full buffer is exact).
+        0 for full-rank parameters and under `grad_accumulation="full"` (the full buffer is exact).
         """
         pj = self.proj
         if pj is None or self.config.grad_accumulation == "full":
