@@ -84,7 +84,12 @@ class BackwardWithState:
     marks the consumed states as holding a gradient.
     """
 
-    def __init__(self, variants: dict[str, tuple[Any, list[tuple[ParamState, str]]]]) -> None:
+    def __init__(
+        self,
+        variants: dict[str, tuple[Any, list[tuple[ParamState, str]]]],
+        anchors: dict[str, dict[int, tuple[ParamState, list[int]]]] | None = None,
+        num_inputs: int = 0,
+    ) -> None:
         # An instance attribute: AOTAutograd wraps this object with functools.wraps, which copies
         # the instance __dict__ (not class attributes) onto the wrapper it calls.
         self._boxed_call = True
@@ -92,6 +97,12 @@ class BackwardWithState:
         first = next(iter(variants.values()))
         self.compiled = first[0]
         self.states = list({id(st): st for st, _ in first[1]}.values())
+        # update_in_backward (runtime/update_op.py): per variant, the states the graph updates and
+        # the input positions that are their parameters; checked against aliases on first call.
+        self.anchors = anchors or {}
+        self.unchecked = set(self.anchors)
+        self.num_inputs = num_inputs
+        self.in_backward = [st for st in self.states if st.config.update_in_backward]
         self.projected = [st for st in self.states if st.proj is not None]
         self.calls: dict[str, int] = {name: 0 for name in variants}
         # Parameters trained under DDP: their buffers are reduced by runtime/dist.py.
@@ -108,8 +119,15 @@ class BackwardWithState:
             from lowrank_compile.runtime import dist
 
             dist.wait_for(self.data_parallel)  # a reduction in flight still writes the buffers
+        for st in self.in_backward:
+            if st.done:
+                from lowrank_compile.runtime.update_op import second_gradient_error
+
+                raise second_gradient_error(st.plan.name)
         name = self.variant()
         compiled, extra = self.variants[name]
+        if name in self.unchecked:
+            self._check_aliases(name, args)
         for st, role in extra:
             if role == "fresh":
                 args.append(state_mod.constant(st.view.device, st.fresh))
@@ -117,6 +135,9 @@ class BackwardWithState:
                 args.append(st.input_for(role))
         out = compiled(args)
         for st in self.states:
+            if st.config.update_in_backward:
+                st.backward_calls += 1  # its update ran in the graph and reset the flags
+                continue
             st.fresh = False
             st.backward_calls += 1
             st.calls_since_zero += 1
@@ -124,6 +145,29 @@ class BackwardWithState:
         if self.data_parallel:
             dist.after_backward(self.data_parallel)
         return out
+
+    def _check_aliases(self, name: str, args: list[Any]) -> None:
+        """update_in_backward: no input but the parameter itself may share its storage.
+
+        The update op is ordered after the graph's reads of the parameter's own input; a saved
+        view of the weight (another input on the same storage) would be read unordered.
+        """
+        from lowrank_compile.config import LowRankOptionError
+
+        by_storage: dict[int, set[int]] = {}
+        for j, a in enumerate(args[: self.num_inputs]):
+            if isinstance(a, torch.Tensor) and a.device.type != "meta":
+                by_storage.setdefault(a.untyped_storage().data_ptr(), set()).add(j)
+        for st, positions in self.anchors[name].values():
+            other = by_storage.get(st.view.untyped_storage().data_ptr(), set()) - set(positions)
+            if other:
+                raise LowRankOptionError(
+                    f"lowrank option 'update_in_backward': the backward graph reads {st.plan.name} "
+                    f"through {len(other)} saved view(s) besides the parameter itself, so its update "
+                    "inside the backward cannot be ordered after every read. Use "
+                    "update_in_backward=False for this model"
+                )
+        self.unchecked.discard(name)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.compiled, name)
@@ -237,6 +281,13 @@ class LowRankBackend:
                 state_mod.register(p, pp, st)
             for ddp, sts in under_ddp.values():
                 from lowrank_compile.runtime import dist
+
+                if self.config.update_in_backward:
+                    raise LowRankOptionError(
+                        f"lowrank option 'update_in_backward': got True for {sts[0].plan.name}, trained "
+                        "under DistributedDataParallel; an update inside the backward would run before the "
+                        "gradient is averaged over the ranks. Accepted under DDP: False"
+                    )
 
                 dist.adopt(ddp, sts)  # out of DDP's Reducer, before its backward is prepared
             if len(new) == len(params) and not any(pp.taken_over for pp in plan.params):
@@ -422,16 +473,17 @@ def _slot(i: int, st: ParamState, variant: str) -> Any:
     from lowrank_compile.runtime.projector import sketch_sizes
 
     pj = st.proj
+    up = st.config.update_in_backward
     if pj is None:
-        return GradSlot(i, "full")
+        return GradSlot(i, "full", update=up)
     if st.config.grad_accumulation == "full":
-        return GradSlot(i, "full")
+        return GradSlot(i, "full", update=up)
     dct = pj.method == "dct"
-    ck = st.clip_k()
-    q: dict[str, Any] = {}
+    ck = 0 if up else st.clip_k()  # clipping cannot follow an update made inside the backward
+    q: dict[str, Any] = {"update": up}
     if pj.pcodes is not None:  # a quantized projector: codes and group scales are the inputs
         assert pj.pqparams is not None
-        q = {"pbits": pj.pbits, "pshapes": (tuple(pj.pcodes.shape), tuple(pj.pqparams.shape))}
+        q |= {"pbits": pj.pbits, "pshapes": (tuple(pj.pcodes.shape), tuple(pj.pqparams.shape))}
     if variant == "steady" or pj.seeded:
         # A seeded projector refreshes without the gradient (refresh.advance_seeded): one variant.
         seeded = pj.method if pj.seeded else ""
@@ -467,6 +519,7 @@ def _inner_compile(
 ) -> Any:
     """Inductor's inner compile, with the backward graph rewritten first (one compile per variant)."""
     from lowrank_compile import _compat
+    from lowrank_compile.passes.consume_grads import ANCHORS_KEY
     from lowrank_compile.passes.consume_grads import EXTRA_INPUTS_KEY
     from lowrank_compile.pipeline import backward_passes
 
@@ -489,6 +542,7 @@ def _inner_compile(
     num_placeholders = len(example_inputs)
     static = list(kwargs.pop("static_input_idxs", None) or [])
     variants: dict[str, tuple[Any, list[tuple[ParamState, str]]]] = {}
+    anchors: dict[str, dict[int, tuple[ParamState, list[int]]]] = {}
     pristine = _clone(gm) if len(names) > 1 else gm
     for name in names:
         vgm = gm if name == names[-1] else _clone(pristine)
@@ -503,8 +557,10 @@ def _inner_compile(
         compiled = _compat.compile_fx_inner(vgm, list(example_inputs) + new_inputs, **vkw)
         spec = vgm.meta.get(EXTRA_INPUTS_KEY, [])
         variants[name] = (compiled, [(slots[i], role) for i, role in spec])
+        if ANCHORS_KEY in vgm.meta:
+            anchors[name] = {i: (slots[i], pos) for i, pos in vgm.meta[ANCHORS_KEY].items()}
     record.backward_compiled = True
-    return BackwardWithState(variants)
+    return BackwardWithState(variants, anchors, num_placeholders)
 
 
 def _check_backward(outputs: list[Any], slots: dict[int, ParamState], num_inputs: int) -> str | None:

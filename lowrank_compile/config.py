@@ -99,6 +99,13 @@ OPTION_DOCS: dict[str, tuple[str, str]] = {
         "bf16 parameters: round each updated weight to bf16 stochastically (unbiased: an update below half a "
         "bf16 step still moves the weight on average) instead of to nearest; other dtypes: warns, no effect",
     ),
+    "update_in_backward": (
+        "bool",
+        "update each taken-over parameter inside the backward, right after its gradient is made (lr and "
+        "hyper-parameters read from its param group then), so no gradient buffer outlives its layer; "
+        "clip_grad_norm_/clip_grad_value_ or a GradScaler between backward and step, a second backward "
+        "before opt.step(), and DDP raise LowRankOptionError",
+    ),
     "min_dim": (
         "int >= 1",
         "parameters whose short side is below this stay with torch.optim (1-D ones always do)",
@@ -130,6 +137,7 @@ class LowRankConfig:
     check_ranks: bool = False
     state_bits: int = 8
     stochastic_rounding: bool = False
+    update_in_backward: bool = False
     min_dim: int = 32
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -214,7 +222,7 @@ def _validate(cfg: LowRankConfig) -> None:
         )
     if cfg.svd_signs not in SVD_SIGNS:
         raise _fail("svd_signs", cfg.svd_signs)
-    for name in ("adaptive_gap", "rotate_states", "check_ranks", "stochastic_rounding"):
+    for name in ("adaptive_gap", "rotate_states", "check_ranks", "stochastic_rounding", "update_in_backward"):
         if not isinstance(getattr(cfg, name), bool):
             raise _fail(name, getattr(cfg, name))
     if cfg.grad_accumulation not in GRAD_ACCUMULATION:

@@ -5,12 +5,13 @@ Categories (bytes):
 - gradients: what lives across a step (eager: every `.grad`; lowrank: the low-rank accumulators
   and the clip residual sketch, full-size buffers of full-rank taken-over parameters and `.grad`
   of parameters left to torch.optim), plus `gradient_transient`: the largest single full
-  gradient of a projected parameter, alive only between the node that makes it and the one
-  that consumes it;
+  gradient of a projected parameter (of any taken-over one under `update_in_backward`, which
+  keeps no gradient buffer), alive only between the node that makes it and the one that
+  consumes it;
 - optimizer_states: as stored (8-bit states as codes plus per-block absmax);
 - projectors: GaLore projection matrices (or DCT indices);
-- buffers: the backend's other buffers (the rule's R-shaped parameter, shared per shape; the clip
-  sketch's test matrix, shared per size);
+- buffers: the backend's other buffers (the clip sketch's test matrix, shared per size; the rule's
+  R-shaped parameter is made inside the update's graph and stores nothing);
 - activations: tensors autograd saves for backward (excluding parameters) in one forward, from a
   forward run under FakeTensorMode, so nothing is allocated. This is eager's count; Inductor's
   partitioner may save a little less or recompute.
@@ -259,6 +260,7 @@ def estimate(
     apollo = MemoryEstimate(f"APOLLO (paper){tag}", elt * n, activations=act)
     scratch: set[tuple[Any, ...]] = set()  # shared buffers: one per R shape, one test matrix per kept size
     lowrank = MemoryEstimate(f"lowrank {_describe(config)}{tag}", elt * n, activations=act)
+    up = config.update_in_backward
     for pp in plan.params:
         numel = pp.numel
         for row in (layer, qgalore, apollo):  # per-layer updates: one layer's gradient at a time
@@ -275,13 +277,14 @@ def estimate(
             qgalore.optimizer_states += 2 * _state8(pp.rank * kept)
             qgalore.projectors += pp.rank * reduced // 2 + 8 * -(-pp.rank * reduced // 256)
             apollo.optimizer_states += 8 * pp.rank * kept  # fp32 moments of the projected gradient
-            lowrank.gradients += 4 * pp.rank * kept + 8  # R accumulator, sum(G^2), max|G|
-            low = (pp.rank, k) if pp.side == "left" else (m, pp.rank)
-            if low not in scratch:
-                scratch.add(low)
-                lowrank.buffers += 4 * pp.rank * kept  # the rule's R-shaped parameter
+            lowrank.gradients += 8  # sum(G^2), max|G|
+            if not up or config.projector == "randomized":  # a randomized projector keeps R (warm start)
+                lowrank.gradients += 4 * pp.rank * kept  # the R accumulator
             lowrank.gradient_transient = max(lowrank.gradient_transient, elt * numel)
-            if config.clip_sketch and config.grad_accumulation == "projected":
+            if ("carrier",) not in scratch:  # the rule's parameter's shape carrier: one fp32 element
+                scratch.add(("carrier",))
+                lowrank.buffers += 4
+            if config.clip_sketch and config.grad_accumulation == "projected" and not up:
                 ck = config.clip_sketch  # the clip residual sketch (runtime/clip.py)
                 lowrank.gradients += 4 * ck * reduced + 4 * ck + 4  # Y, per-column sums, sum ||P^T A||^2
                 if ("omega", kept) not in scratch:  # its +-1 test matrix, one per kept size
@@ -292,7 +295,10 @@ def estimate(
             layer.optimizer_states += 2 * elt * numel
             qgalore.optimizer_states += 2 * _state8(numel)
             apollo.optimizer_states += 8 * numel
-            lowrank.gradients += elt * numel  # full-size buffer (FULL) or .grad (left to torch.optim)
+            if up and pp.kind is Kind.FULL:  # updated inside the backward: its gradient is transient
+                lowrank.gradient_transient = max(lowrank.gradient_transient, elt * numel)
+            else:
+                lowrank.gradients += elt * numel  # full-size buffer (FULL) or .grad (left to torch.optim)
         lowrank.optimizer_states += pp.state_bytes
         lowrank.projectors += pp.projector_bytes
     rows += [galore, layer, qgalore, apollo, lowrank]
@@ -304,6 +310,8 @@ def _describe(config: LowRankConfig) -> str:
     proj = "" if config.projector == "svd" else f", {config.projector}"
     if config.projector_bits != 32:
         proj += f", {config.projector_bits}-bit projectors"
+    if config.update_in_backward:
+        proj += ", update in backward"
     return f"(rank {rank}, {config.state_bits}-bit{proj})"
 
 
@@ -351,7 +359,7 @@ def explain(
         est.gradients += owned["gradients"] if st.proj is None else owned["gradients"] - _nbytes(st.proj.full)
         est.projectors += owned["projectors"]
         est.optimizer_states += pp.state_bytes
-        if st.proj is not None:
+        if st.proj is not None or st.config.update_in_backward:
             est.gradient_transient = max(est.gradient_transient, math.prod(pp.shape) * p.element_size())
     from lowrank_compile.runtime.state import scratch_bytes
 

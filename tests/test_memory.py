@@ -89,8 +89,8 @@ def test_estimate_eager_adamw_matches_a_measured_run(estimates):
 
 @pytest.mark.parametrize(
     "extra",
-    [{}, {"projector": "sparse"}, {"projector_bits": 4}],
-    ids=["defaults", "sparse", "projector-4bit"],
+    [{}, {"projector": "sparse"}, {"projector_bits": 4}, {"projector": "sparse", "update_in_backward": True}],
+    ids=["defaults", "sparse", "projector-4bit", "sparse-in-backward"],
 )
 def test_estimate_lowrank_matches_a_measured_run(estimates, extra):
     """The lowrank row against what the backend really holds after compiled steps (8-bit, rank 1/4)."""
@@ -140,6 +140,10 @@ def test_estimate_lowrank_matches_a_measured_run(estimates, extra):
     if "projector_bits" in extra:  # 4-bit codes + group scales: 13.3% of the fp32 matrices
         fp32 = sum(4 * pp.rank * min(pp.shape) for pp in plan.params if pp.kind is Kind.PROJECTED)
         assert measured["projectors"] <= 0.15 * fp32
+    if extra.get("update_in_backward"):
+        # No buffer of a taken-over parameter survives its update (only the two fp32 scalars
+        # ||G||^2 and max|G| of a projected one): the gradients left are torch.optim's .grad.
+        assert all(lookup(p) is None or lookup(p).owned_bytes()["gradients"] <= 8 for p in model.parameters())
     _close(est.gradients, grads, "gradient buffers")
     _close(est.buffers, scratch_bytes(), "shared buffers")
     _close(est.weights, sum(p.numel() * p.element_size() for p in model.parameters()), "weights")

@@ -65,6 +65,7 @@ __all__ = [
 ]
 
 EXTRA_INPUTS_KEY = "lowrank_extra_inputs"
+ANCHORS_KEY = "lowrank_update_anchors"  # output index -> positions of the placeholders that are the parameter
 MODES = ("full", "project", "sketch", "refresh")
 aten = torch.ops.aten
 
@@ -85,6 +86,7 @@ class GradSlot:
     seeded: str = ""  # "sparse" | "gaussian": P is generated in the graph from a key input
     pbits: int = 32  # < 32: P arrives as codes + group scales, dequantized in the graph
     pshapes: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())  # pbits < 32: codes', scales' shapes
+    update: bool = False  # update_in_backward: hand the update op what it reads, accumulate nothing
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -189,10 +191,88 @@ def consume_refresh(
     consume_project(g, fresh, proj, rgrad, sq, amax, *clip_bufs, left=left, clip=bool(clip_bufs))
 
 
+def _is_view(node: torch.fx.Node) -> bool:
+    """True when `node`'s value aliases its first input (a view op)."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    # _unsafe_view shares its input's storage without saying so in its schema.
+    return target.is_view or target.overloadpacket is aten._unsafe_view
+
+
+def _gather_dct(g: torch.Tensor, basis: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return basis[:, index]
+
+
+def _call_update(
+    token: torch.Tensor, values: list[torch.Tensor], anchors: Sequence[torch.Tensor], mode: str
+) -> None:
+    from lowrank_compile.runtime.update_op import MODES
+    from lowrank_compile.runtime.update_op import update_in_backward
+
+    update_in_backward(token, values, list(anchors), MODES.index(mode))
+
+
+def update_full(g: torch.Tensor, token: torch.Tensor, *anchors: torch.Tensor, n_anchor: int) -> None:
+    """update_in_backward, full-size gradient: the update reads G itself."""
+    _call_update(token, [g], anchors, "full")
+
+
+def update_project(
+    g: torch.Tensor,
+    token: torch.Tensor,
+    *rest: torch.Tensor,
+    get_p: Any,
+    n_p: int,
+    left: bool,
+    sketch: bool,
+    acc_dtype: torch.dtype,
+    n_anchor: int,
+) -> None:
+    """update_in_backward, projected: R = proj(G) (and the sketch Y = A Omega), then the update op."""
+    proj = get_p(g, *rest[:n_p])
+    r = (proj.t() @ g if left else g @ proj).to(acc_dtype)
+    values = [r]
+    if sketch:
+        omega = rest[n_p]
+        values.append(((g if left else g.t()) @ omega).to(acc_dtype))
+    _call_update(
+        token, values, rest[len(rest) - n_anchor :] if n_anchor else (), "sketch" if sketch else "project"
+    )
+
+
+def update_refresh(
+    g: torch.Tensor,
+    token: torch.Tensor,
+    code: torch.Tensor,
+    src: torch.Tensor,
+    basis: torch.Tensor,
+    *anchors: torch.Tensor,
+    rank: int,
+    left: bool,
+    name: str,
+    signs: str,
+    pbits: int,
+    acc_dtype: torch.dtype,
+    n_anchor: int,
+) -> None:
+    """update_in_backward, svd/dct refresh step: P_new from G, R with it, then the update op."""
+    from lowrank_compile.runtime.refresh_op import refresh_projector
+
+    new = refresh_projector(g, code, src, basis, rank, left, name, signs)
+    proj = basis[:, new] if basis.numel() else new
+    if pbits < 32:
+        from lowrank_compile.runtime.projector_quant import roundtrip
+
+        proj = roundtrip(proj, pbits)
+    r = (proj.t() @ g if left else g @ proj).to(acc_dtype)
+    _call_update(token, [r, new], anchors, "refresh")
+
+
 def _inline(
     graph: torch.fx.Graph, after: torch.fx.Node, fn: Any, args: Sequence[torch.fx.Node], fake_mode: Any
-) -> None:
-    """Trace `fn` on the fake values of `args` and copy its nodes into `graph` after `after`."""
+) -> torch.fx.Node:
+    """Trace `fn` on the fake values of `args`, copy its nodes into `graph` after `after`; return the last."""
     from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -212,6 +292,7 @@ def _inline(
                 new = graph.node_copy(node, lambda n: env[n])
             env[node] = new
             cursor = new
+    return cursor
 
 
 @dataclass(frozen=True)
@@ -255,6 +336,103 @@ class ConsumeGradients(GraphPass):
                 placeholder(slot, "sq_r", (), stat_dt, dev),
             ]
 
+        def projector_inputs(slot: GradSlot, d: int, r: int, short: int, dt: Any, dev: Any):
+            """The placeholders the projector arrives in, and fn(g, *those) -> the d x r matrix."""
+            if slot.dct:
+                pins = [
+                    placeholder(slot, "basis", (d, d), dt, dev),
+                    placeholder(slot, "index", (r,), torch.int64, dev),
+                ]
+                return pins, _gather_dct
+            if slot.seeded:
+                from lowrank_compile.runtime.projector import seeded_projector
+
+                gen_p = functools.partial(seeded_projector, slot.seeded, d=d, r=r, short=short)
+                return [placeholder(slot, "pkey", (1,), torch.int64, dev)], lambda g, key: gen_p(
+                    key, dtype=g.dtype
+                )
+            if slot.pbits < 32:
+                from lowrank_compile.runtime.projector_quant import dequantize
+
+                code_dt = torch.float16 if slot.pbits == 16 else torch.uint8
+                pins = [
+                    placeholder(slot, "pcodes", slot.pshapes[0], code_dt, dev),
+                    placeholder(slot, "pqparams", slot.pshapes[1], torch.float32, dev),
+                ]
+                deq = functools.partial(dequantize, bits=slot.pbits, d=d, r=r)
+                return pins, lambda g, codes, qparams: deq(codes, qparams, dtype=g.dtype)
+            return [placeholder(slot, "proj", (d, r), dt, dev)], lambda g, p: p
+
+        by_name = {n.name: n for n in placeholders}
+        anchors: dict[int, list[int]] = dict(gm.meta.get(ANCHORS_KEY, {}))
+
+        def update_in_place(slot: GradSlot, grad: torch.fx.Node, val: Any) -> None:
+            """update_in_backward: compute what the update reads and call the update op on it."""
+            dev, dt = val.device, val.dtype
+            m, n = val.shape if val.dim() == 2 else (0, 0)
+            # The parameter itself, when the backward reads it (AOTAutograd names input i primals_{i+1}).
+            anchor = by_name.get(f"primals_{slot.output_index + 1}")
+            anc = [anchor] if anchor is not None else []
+            anchors[slot.output_index] = [placeholders.index(a) for a in anc]
+            token = placeholder(slot, "token", (), torch.int64, torch.device("cpu"))
+            if slot.mode == "full":
+                fn: Any = functools.partial(update_full, n_anchor=len(anc))
+                last = _inline(graph, grad, fn, [grad, token, *anc], fake_mode)
+            else:
+                r, left = slot.rank, slot.side == "left"
+                d, e = (m, n) if left else (n, m)
+                acc_dt = torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
+                ins: list[torch.fx.Node] = []
+                if slot.mode == "refresh":
+                    p_shape, p_dt = ((r,), torch.int64) if slot.dct else ((d, r), dt)
+                    ins = [
+                        placeholder(slot, "refresh_code", (), torch.int64, dev),
+                        placeholder(slot, "refresh_src", p_shape, p_dt, dev),
+                        placeholder(slot, "basis", (d, d) if slot.dct else (0,), dt, dev),
+                    ]
+                    fn = functools.partial(
+                        update_refresh,
+                        rank=r,
+                        left=left,
+                        name=slot.name,
+                        signs=slot.signs,
+                        pbits=slot.pbits,
+                        acc_dtype=acc_dt,
+                        n_anchor=len(anc),
+                    )
+                else:
+                    pins, get_p = projector_inputs(slot, d, r, min(m, n), dt, dev)
+                    ins = list(pins)
+                    if slot.mode == "sketch":
+                        ins.append(placeholder(slot, "omega", (e, slot.sketch_k), dt, dev))
+                    fn = functools.partial(
+                        update_project,
+                        get_p=get_p,
+                        n_p=len(pins),
+                        left=left,
+                        sketch=slot.mode == "sketch",
+                        acc_dtype=acc_dt,
+                        n_anchor=len(anc),
+                    )
+                last = _inline(graph, grad, fn, [grad, token, *ins, *anc], fake_mode)
+            # After the last node that reads the parameter, directly or through views of it: its
+            # update must not change what they read.
+            aliases, todo = set(anc), list(anc)
+            while todo:
+                for u in todo.pop().users:
+                    if u not in aliases and _is_view(u):
+                        aliases.add(u)
+                        todo.append(u)
+            readers = {u for a in aliases for u in a.users} - {last}
+            later, seen = None, False
+            for node in graph.nodes:
+                if node is last:
+                    seen = True
+                elif seen and node in readers:
+                    later = node
+            if later is not None:
+                later.append(last)
+
         for slot in self.slots:
             grad = outputs[slot.output_index]
             if not isinstance(grad, torch.fx.Node):
@@ -262,6 +440,11 @@ class ConsumeGradients(GraphPass):
             val = grad.meta["val"]
             dev, dt = val.device, val.dtype
             m, n = val.shape if val.dim() == 2 else (0, 0)
+            if slot.update:
+                update_in_place(slot, grad, val)
+                outputs[slot.output_index] = None
+                rewrites += 1
+                continue
             fresh = placeholder(slot, "fresh", (), torch.bool, dev)
             if slot.mode == "full":
                 buf = placeholder(slot, "grad", val.shape, dt, dev)
@@ -291,17 +474,7 @@ class ConsumeGradients(GraphPass):
             else:
                 r, left = slot.rank, slot.side == "left"
                 d, e = (m, n) if left else (n, m)
-                if slot.dct:
-                    basis = placeholder(slot, "basis", (d, d), dt, dev)
-                    index = placeholder(slot, "index", (r,), torch.int64, dev)
-                elif slot.seeded:
-                    key = placeholder(slot, "pkey", (1,), torch.int64, dev)
-                elif slot.pbits < 32:
-                    code_dt = torch.float16 if slot.pbits == 16 else torch.uint8
-                    pcodes = placeholder(slot, "pcodes", slot.pshapes[0], code_dt, dev)
-                    pqparams = placeholder(slot, "pqparams", slot.pshapes[1], torch.float32, dev)
-                else:
-                    proj = placeholder(slot, "proj", (d, r), dt, dev)
+                pins, get_p = projector_inputs(slot, d, r, min(m, n), dt, dev)
                 acc_dt = torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
                 rbuf = placeholder(slot, "rgrad", (r, n) if left else (m, r), acc_dt, dev)
                 stat_dt = torch.float64 if dt == torch.float64 else torch.float32
@@ -322,41 +495,13 @@ class ConsumeGradients(GraphPass):
                     clip=slot.clip_k > 0,
                     orthonormal=not slot.seeded,
                 )
-                if slot.dct:
 
-                    def fn(g, fresh, basis, index, *rest, consume=consume):
-                        consume(g, fresh, basis[:, index], *rest)
+                npins = len(pins)
 
-                    _inline(
-                        graph, grad, fn, [grad, fresh, basis, index, rbuf, sq, amax, *extra_args], fake_mode
-                    )
-                elif slot.seeded:
-                    from lowrank_compile.runtime.projector import seeded_projector
+                def fn(g, fresh, *rest, consume=consume, get_p=get_p, n=npins):
+                    consume(g, fresh, get_p(g, *rest[:n]), *rest[n:])
 
-                    gen_p = functools.partial(seeded_projector, slot.seeded, d=d, r=r, short=min(m, n))
-
-                    def gen(g, fresh, key, *rest, consume=consume, gen_p=gen_p):
-                        consume(g, fresh, gen_p(key, dtype=g.dtype), *rest)
-
-                    _inline(graph, grad, gen, [grad, fresh, key, rbuf, sq, amax, *extra_args], fake_mode)
-                elif slot.pbits < 32:
-                    from lowrank_compile.runtime.projector_quant import dequantize
-
-                    deq = functools.partial(dequantize, bits=slot.pbits, d=d, r=r)
-
-                    def qfn(g, fresh, codes, qparams, *rest, consume=consume, deq=deq):
-                        consume(g, fresh, deq(codes, qparams, dtype=g.dtype), *rest)
-
-                    args = [grad, fresh, pcodes, pqparams, rbuf, sq, amax, *extra_args]
-                    _inline(graph, grad, qfn, args, fake_mode)
-                else:
-                    _inline(
-                        graph,
-                        grad,
-                        consume,
-                        [grad, fresh, proj, rbuf, sq, amax, *extra_args],
-                        fake_mode,
-                    )
+                _inline(graph, grad, fn, [grad, fresh, *pins, rbuf, sq, amax, *extra_args], fake_mode)
             outputs[slot.output_index] = None
             rewrites += 1
         out_node.args = (tuple(outputs),)
@@ -366,4 +511,6 @@ class ConsumeGradients(GraphPass):
                 i for i, o in enumerate(outputs) if isinstance(o, torch.fx.Node)
             ]
         gm.meta[EXTRA_INPUTS_KEY] = extra
+        if anchors:
+            gm.meta[ANCHORS_KEY] = anchors
         return rewrites

@@ -230,6 +230,84 @@ def _update_one(
         w.add_(pm.project_back((target * scale).to(w.dtype), pmat, side))
 
 
+# A full-rank update of more values than this runs in pieces of at most this many (whole 8-bit
+# blocks): Inductor's CPU code stages each updated state in an fp32 buffer of the tensor's size
+# while it takes block maxima, so a 2M-value embedding or output layer needed 16 MB of
+# temporaries; pieces of 2^18 values need 2 MB (what `update_in_backward` adds to the backward's peak).
+PIECE = 1 << 18
+
+
+def _pieces(
+    sig: tuple[Any, ...], args: tuple[Any, ...]
+) -> tuple[list[tuple[Any, ...]], Callable[[], Any] | None]:
+    """`_update_one`'s arguments for one call, or for consecutive pieces of a large full-rank update.
+
+    Returns the argument tuples and what to run between two of them (None for one call).
+
+    Every piece is the same update on a slice of the weight, the gradient and each state (the
+    elementwise rules and the block-wise quantization never look across blocks). The step
+    counter is shared: it is put back after every piece but the last, so it counts one update.
+    The salt gains the piece's first element index, so the stochastic roundings draw what they
+    would for the whole tensor.
+    """
+    layout, as_blocks = sig[7], sig[8]
+    w, grad, lr, wd, hps, basis, index, virtual, salt = args[:9]
+    flat = args[9:]
+    n = w.numel()
+    if sig[2] or not as_blocks or n <= PIECE or not w.is_contiguous():
+        return [args], None
+    nblocks = n // quant.BLOCK
+    most = PIECE // quant.BLOCK
+    per = next((d for d in range(most, 0, -1) if nblocks % d == 0), most)
+    if per < most // 4:  # no near divisor: equal pieces plus one remainder (two compiled shapes)
+        per = most
+    counters = [t for kind, t in zip(layout, _stores(layout, flat)) if kind[0] == "s"]
+    saved = [c[0].clone() for c in counters]
+    wf, gf = w.view(-1), grad.reshape(-1)
+    out: list[tuple[Any, ...]] = []
+    for b0 in range(0, nblocks, per):
+        b1 = min(nblocks, b0 + per)
+        a, z = b0 * quant.BLOCK, b1 * quant.BLOCK
+        pieces: list[torch.Tensor] = []
+        for kind, store in zip(layout, _stores(layout, flat)):
+            if kind[0] == "q":
+                pieces += [store[0][a:z], store[1][b0:b1]]
+            elif kind[0] == "s":
+                pieces += store
+            else:
+                pieces.append(store[0].view(-1)[a:z])
+        psalt = torch.stack([salt.view(-1)[0], salt.new_tensor(a).view(())])
+        out.append((wf[a:z], gf[a:z], lr, wd, hps, basis, index, virtual, psalt, *pieces))
+    return out, lambda: [c[0].copy_(v) for c, v in zip(counters, saved)]
+
+
+def _stores(layout: tuple[Any, ...], flat: tuple[Any, ...]) -> list[list[torch.Tensor]]:
+    """`flat` grouped per state as `layout` says (8-bit: codes and absmax; others: one tensor)."""
+    out, i = [], 0
+    for kind in layout:
+        k = 2 if kind[0] == "q" else 1
+        out.append(list(flat[i : i + k]))
+        i += k
+    return out
+
+
+def _refuse_grad_scaler() -> None:
+    """update_in_backward: raise if an enabled GradScaler exists (its unscale would come too late)."""
+    import gc
+
+    from lowrank_compile.config import LowRankOptionError
+
+    # torch.cuda.amp.GradScaler subclasses torch.amp.GradScaler.
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.amp.GradScaler) and obj.is_enabled():
+            raise LowRankOptionError(
+                "lowrank option 'update_in_backward': an enabled GradScaler exists; with "
+                "update_in_backward=True parameters are updated inside the backward, before the scaler "
+                "could unscale their gradients or skip a step with inf/NaN. Accepted with a GradScaler: "
+                "update_in_backward=False"
+            )
+
+
 class OptimizerBinding:
     """Routes a user optimizer's `step`/`zero_grad` through the backend for its planned params."""
 
@@ -257,6 +335,9 @@ class OptimizerBinding:
         self._dirty = False
         self._saved: dict[str, Any] = {}
         self.update_calls = 0
+        self._item_of: dict[int, _Item] = {}
+        self._checked = False  # update_in_backward: structural changes looked for this step
+        self._scaler_checked = False
         # Hyper-parameter changes that traced a new rule (and so recompiled the update): one
         # entry per change, {"update": n, "group": g, "changes": [(key, old, new), ...]}.
         self.retraces: list[dict[str, Any]] = []
@@ -407,25 +488,33 @@ class OptimizerBinding:
                 dist.settle(self.states)
 
     def update(self) -> None:
-        """Apply the optimizer's rule to every planned parameter that has a gradient."""
+        """Apply the optimizer's rule to every planned parameter that has a gradient.
+
+        Parameters the backward already updated (`update_in_backward`) are skipped; their step is
+        over once `opt.step()` runs.
+        """
+        early = False
+        for st in self.states:
+            if st.done:
+                st.done, early = False, True
+        self._checked = False
         active = [st for st in self.states if not st.fresh]
         if not active:
+            if early:
+                self._finish_step()
             return
         with torch.no_grad():
             for st in active:
                 if st.proj is not None:
                     refresh.prepare(st)
-        if self._compiled is None or self._dirty or not self._items or self._rules_changed():
-            self._build()
+        self._ensure_built()
         opt = self.opt
         for gi, lr in self._lrs.items():
             lr.fill_(float(opt.param_groups[gi]["lr"]))
         for it in self._items:
             it.active = not it.st.fresh
-            group = opt.param_groups[it.st.group]
-            it.wd = self.rule.weight_decay(opt, group)
-            if it.hps is not None and it.rule.hp_keys:
-                it.hps.copy_(torch.tensor(it.rule.hp_values(group), dtype=torch.float64))
+            if it.active:
+                self._read_group(it)
         with torch.no_grad():
             self._run_items()
             for it in self._items:
@@ -433,11 +522,82 @@ class OptimizerBinding:
                     it.first = False
                     if it.st.proj is not None:
                         refresh.after_update(it.st)
+                    if self.config.update_in_backward:
+                        it.st.release_accumulators()
+        self._finish_step()
+
+    def _finish_step(self) -> None:
         self.update_calls += 1
         if self.config.check_ranks:
             from lowrank_compile.runtime import dist
 
             dist.check_ranks(self.states)
+
+    def _ensure_built(self) -> None:
+        """(Re)build the items when parameters, loaded states or structural hyper-parameters changed."""
+        if self._compiled is None or self._dirty or not self._items or self._rules_changed():
+            self._build()
+
+    def _read_group(self, it: _Item) -> None:
+        """Fill item `it`'s decay and lifted hyper-parameters from its param group, as they are now."""
+        group = self.opt.param_groups[it.st.group]
+        it.wd = self.rule.weight_decay(self.opt, group)
+        if it.hps is not None and it.rule.hp_keys:
+            it.hps.copy_(torch.tensor(it.rule.hp_values(group), dtype=torch.float64))
+
+    def update_now(self, st: ParamState, values: list[torch.Tensor], mode: str) -> None:
+        """`update_in_backward`: update `st` from what its backward consumer just made (runtime/update_op.py).
+
+        `values` are graph temporaries: [G] for a full-rank parameter, [R] when projected, plus
+        the refresh sketch Y (randomized) or the new projector (svd/dct) on a refresh step. They
+        are read here and not kept. lr, weight decay and the rule's hyper-parameters come from
+        the param group as it is now.
+        """
+        if st.done:
+            from lowrank_compile.runtime.update_op import second_gradient_error
+
+            raise second_gradient_error(st.plan.name)
+        if not self._scaler_checked:
+            self._scaler_checked = True
+            _refuse_grad_scaler()
+        pj = st.proj
+        with torch.no_grad():
+            if pj is None:
+                st.grad = values[0]
+            elif mode == "full":  # grad_accumulation="full": R is made from the gradient by `prepare`
+                pj.full = values[0]
+                st.ensure_accumulators()
+            elif pj.method == "randomized":
+                pj.r_acc.copy_(values[0])  # kept: the next sketch's warm start
+            else:
+                pj.r_acc = values[0]
+            if pj is not None and mode == "sketch":
+                pj.sketch_y = values[1]
+            elif pj is not None and mode == "refresh":
+                pj.refresh_buf = values[1]
+            st.fresh, st.calls_since_zero = False, 1
+            try:
+                if pj is not None:
+                    refresh.prepare(st)
+                if not self._checked:
+                    self._checked = True
+                    self._ensure_built()
+                elif self._dirty or self._compiled is None:
+                    self._build()
+                it = self._item_of[id(st)]
+                lr = self._lrs[st.group]
+                lr.fill_(float(self.opt.param_groups[st.group]["lr"]))
+                self._read_group(it)
+                it.active = True
+                self._run_item(it)
+                it.active = False
+                it.first = False
+                if pj is not None:
+                    refresh.after_update(st)
+            finally:
+                st.release_accumulators()
+                st.fresh, st.calls_since_zero = True, 0
+                st.done = True
 
     # ----------------------------------------------------------------- rules and storage
     def _rule_for(self, st: ParamState) -> Rule:
@@ -526,6 +686,7 @@ class OptimizerBinding:
             hps = torch.zeros(len(rule.hp_keys), dtype=torch.float64, device=st.view.device)
             item = _Item(st, rule, lr, 0.0, hps=hps, first=first and not rule.zero_init)
             self._items.append(item)
+        self._item_of = {id(it.st): it for it in self._items}
         self._compiled = self._compiled or {}
         self._dirty = False
         self._decoupled = self.rule.decoupled_weight_decay(opt.param_groups[0])
@@ -545,10 +706,17 @@ class OptimizerBinding:
         """
         for it in self._items:
             if it.active:
-                sig, args = self._call(it)
-                shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
-                self._fn((sig, shapes))(sig, *args)
-                it.st.rounds += 1
+                self._run_item(it)
+
+    def _run_item(self, it: _Item) -> None:
+        sig, args = self._call(it)
+        pieces, between = _pieces(sig, args)
+        for i, piece in enumerate(pieces):
+            if i and between is not None:
+                between()
+            shapes = tuple(tuple(a.shape) for a in piece if isinstance(a, torch.Tensor))
+            self._fn((sig, shapes))(sig, *piece)
+        it.st.rounds += 1
 
     def _call(self, it: _Item) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         """The `sig` of item `it` and the tensors `_update_one` takes for it."""

@@ -100,6 +100,15 @@ def _split(parameters: Any) -> tuple[list[torch.Tensor], list[Any]]:
         st = lookup(p)
         if st is not None and st.binding is not None:
             bindings[id(st.binding)] = st.binding
+            if st.config.update_in_backward:
+                from lowrank_compile.config import LowRankOptionError
+
+                raise LowRankOptionError(
+                    f"lowrank option 'update_in_backward': clipping {st.plan.name} cannot be honoured: "
+                    "with update_in_backward=True it was updated inside the backward, before any clip "
+                    "could see its gradient. Accepted with clip_grad_norm_/clip_grad_value_: "
+                    "update_in_backward=False"
+                )
     for b in bindings.values():
         b.fold_stray_grads()  # an eager backward may have left .grad on planned parameters
     for p in params:

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -303,6 +304,16 @@ def _toward_zero(codes: torch.Tensor) -> torch.Tensor:
     return codes - torch.sign(codes - zero_code(True)).to(codes.dtype)
 
 
+def _salt_parts(salt: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """(update count, element offset) from a salt: (1,) = [count], or (2,) = [count, offset].
+
+    The offset is the index of the tensor's first element in the whole parameter, so a large
+    update run in pieces draws the numbers the whole tensor would (`binding._pieces`).
+    """
+    s = salt.to(torch.int64).view(-1)
+    return s[0], (s[1] if s.numel() > 1 else 0)
+
+
 def uniform_hash(shape: tuple[int, int], salt: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Uniform [0, 1) fp32 numbers, one per element of an (nblocks, BLOCK) tensor, from (index, salt).
 
@@ -310,8 +321,9 @@ def uniform_hash(shape: tuple[int, int], salt: torch.Tensor, device: torch.devic
     traceable and pointwise: Inductor computes it inside the update's loop from an iota.
     """
     mask = 0xFFFFFFFF
-    idx = torch.arange(shape[0] * shape[1], device=device, dtype=torch.int64).view(shape)
-    h = (idx * 0x9E3779B1 + salt.to(torch.int64) * 0x85EBCA77 + 0x165667B1) & mask
+    rounds, offset = _salt_parts(salt)
+    idx = (torch.arange(shape[0] * shape[1], device=device, dtype=torch.int64) + offset).view(shape)
+    h = (idx * 0x9E3779B1 + rounds * 0x85EBCA77 + 0x165667B1) & mask
     h = h ^ (h >> 15)
     h = (h * 0x2C1B3C6D) & mask
     h = h ^ (h >> 12)
@@ -332,8 +344,9 @@ def stochastic_round_bf16(x: torch.Tensor, salt: torch.Tensor) -> torch.Tensor:
     """
     mask = 0xFFFFFFFF
     flat = x.reshape(-1).float()
-    idx = torch.arange(flat.numel(), device=x.device, dtype=torch.int64)
-    h = (idx * 0x9E3779B1 + salt.to(torch.int64).view(()) * 0x27D4EB2F + 0x61C88647) & mask
+    rounds, offset = _salt_parts(salt)
+    idx = torch.arange(flat.numel(), device=x.device, dtype=torch.int64) + offset
+    h = (idx * 0x9E3779B1 + rounds * 0x27D4EB2F + 0x61C88647) & mask
     h = h ^ (h >> 15)
     h = (h * 0x2C1B3C6D) & mask
     h = h ^ (h >> 12)

@@ -60,8 +60,9 @@ class Projection:
     r_acc: torch.Tensor  # low-rank gradient accumulator
     sq: torch.Tensor  # 0-d: sum of G^2 over the step's backward calls
     amax: torch.Tensor  # 0-d: max |G| over the step's backward calls
-    # The rule's parameter (R-shaped), zero before each update. Updates run one parameter at a
-    # time, so every projection of one shape/dtype/device shares one buffer (`shared_scratch`).
+    # The rule's parameter (R-shaped), zero before each update: made inside the update's graph
+    # (`torch.zeros_like(virtual)`, which Inductor fuses away), so this holds one element
+    # (`shape_carrier`: a stride-0 view) and only gives the shape and dtype.
     virtual: torch.Tensor
     basis: torch.Tensor | None = None  # dct: the shared d x d basis
     index: torch.Tensor | None = None  # dct: the r chosen columns
@@ -206,6 +207,10 @@ class ParamState:
     in_flight: bool = False
     reduced_world: int = 1
     quad_base: list[torch.Tensor] | None = None
+    # update_in_backward: the op's name for this state (runtime/update_op.py), and whether the
+    # backward already updated the parameter since the last opt.step().
+    token: int = 0
+    done: bool = False
 
     def contributions(self) -> int:
         """How many gradients the buffers sum (backward calls, times ranks once reduced)."""
@@ -227,7 +232,8 @@ class ParamState:
         if plan.kind is Kind.PROJECTED:
             assert plan.rank is not None and plan.side in ("left", "right")
             proj = _make_projection(p, plan, config)
-        else:
+        elif not config.update_in_backward:
+            # update_in_backward: the update reads the graph's gradient; no buffer (`ensure_accumulators`).
             grad = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
         return cls(
             plan=plan,
@@ -259,6 +265,10 @@ class ParamState:
             if self.proj.full is None:
                 self.proj.full = torch.zeros(self.view.shape, dtype=self.view.dtype, device=self.view.device)
             return self.proj.full
+        if role == "token":
+            from lowrank_compile.runtime.update_op import token_of
+
+            return constant(torch.device("cpu"), token_of(self))
         pj = self.proj
         assert pj is not None, role
         if role == "proj":
@@ -404,9 +414,34 @@ class ParamState:
         return pj.projector()
 
     # ------------------------------------------------------------- eager-side accumulation
+    def ensure_accumulators(self) -> None:
+        """Allocate the gradient buffers `update_in_backward` does without (for an eager gradient)."""
+        if self.proj is None:
+            if self.grad is None:
+                self.grad = torch.zeros(self.view.shape, dtype=self.view.dtype, device=self.view.device)
+            return
+        pj = self.proj
+        low = pj.low_rank_shape()
+        if tuple(pj.r_acc.shape) != low:
+            pj.r_acc = torch.zeros(low, dtype=compute_dtype(self.view.dtype), device=self.view.device)
+
+    def release_accumulators(self) -> None:
+        """`update_in_backward`: drop the gradient buffers once the update has read them.
+
+        A randomized projector keeps R: the next refresh's sketch starts from its row space.
+        """
+        if self.proj is None:
+            self.grad = None
+            return
+        pj = self.proj
+        pj.full = None
+        if pj.method != "randomized":
+            pj.r_acc = _EMPTY_R.get(pj.r_acc.dtype, pj.r_acc.device)
+
     def accumulate(self, g: torch.Tensor) -> None:
         """Add a gradient computed outside the compiled backward (what autograd left in .grad)."""
         g = g.detach()
+        self.ensure_accumulators()
         if self.proj is None:
             assert self.grad is not None
             if self.fresh:
@@ -524,11 +559,27 @@ class ParamState:
                 pj.r_acc, pj.sq, pj.amax, pj.full, pj.sketch_y, pj.clip_y, pj.clip_diag, pj.sq_r
             ),
             "projectors": projector + nbytes(pj.omega),
-            "virtual": 0,  # shared between parameters: see `scratch_bytes`
+            "virtual": 0,  # one element: see `shape_carrier`
         }
 
 
 _CONSTANTS: dict[tuple[torch.device, type, int], torch.Tensor] = {}
+
+
+class _Empty:
+    """One empty tensor per (dtype, device): the R of a parameter between in-backward updates."""
+
+    def __init__(self) -> None:
+        self._t: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (dtype, torch.device(device))
+        if key not in self._t:
+            self._t[key] = torch.zeros(0, dtype=dtype, device=device)
+        return self._t[key]
+
+
+_EMPTY_R = _Empty()
 
 
 def constant(device: torch.device, value: bool | int) -> torch.Tensor:
@@ -584,6 +635,7 @@ def _make_projection(p: torch.Tensor, plan: ParamPlan, config: LowRankConfig) ->
         pmat = proj_math.random_orthonormal(d, r, _seed(plan.name, -1), dev).to(dt)
     else:
         pmat = torch.zeros(d, r, device=dev, dtype=dt)
+    in_step = not config.update_in_backward or config.projector == "randomized"
     pcodes = pqparams = None
     if config.projector_bits != 32:
         from lowrank_compile.runtime import projector_quant
@@ -598,10 +650,11 @@ def _make_projection(p: torch.Tensor, plan: ParamPlan, config: LowRankConfig) ->
         p=pmat,
         # Low-rank accumulators and the rule's parameter in the compute dtype (fp32 for bf16/fp16
         # parameters); the projector stays in the parameter's dtype for the GEMMs.
-        r_acc=torch.zeros(low, device=dev, dtype=compute_dtype(dt)),
+        # update_in_backward: R is a graph temporary (the randomized sketch's warm start keeps one).
+        r_acc=torch.zeros(low if in_step else (0,), device=dev, dtype=compute_dtype(dt)),
         sq=torch.zeros((), device=dev, dtype=_stat_dtype(dt)),
         amax=torch.zeros((), device=dev, dtype=_stat_dtype(dt)),
-        virtual=shared_scratch(low, compute_dtype(dt), dev),
+        virtual=shape_carrier(low, compute_dtype(dt), dev),
         basis=basis,
         index=index,
         key=key,
@@ -645,6 +698,11 @@ def registry_states() -> list[ParamState]:
 
 
 _SCRATCH: dict[tuple[tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def shape_carrier(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of `shape` that holds one element (stride 0): the update reads only its shape and dtype."""
+    return shared_scratch((), dtype, device).expand(tuple(int(d) for d in shape))
 
 
 def shared_scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

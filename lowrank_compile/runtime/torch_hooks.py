@@ -50,6 +50,14 @@ def _unscale_grads_(
     from lowrank_compile.runtime.binding import binding_of
 
     binding = binding_of(optimizer)
+    if binding is not None and binding.config.update_in_backward:
+        from lowrank_compile.config import LowRankOptionError
+
+        raise LowRankOptionError(
+            "lowrank option 'update_in_backward': a GradScaler cannot unscale gradients the backward "
+            "already applied (update_in_backward=True updates each parameter inside the backward). "
+            "Accepted with a GradScaler: update_in_backward=False"
+        )
     if binding is not None:
         binding.fold_stray_grads()  # before torch's pass, so no gradient is unscaled twice
     per_device = _ORIGINALS["_unscale_grads_"](self, optimizer, inv_scale, found_inf, allow_fp16)
