@@ -271,6 +271,8 @@ class LowRankBackend:
             ]
             plan = make_plan(infos, self.config)
             self._warn_unsure_outputs(plan.params, unsure)
+            if self.config.update_in_backward:
+                self._refuse_ddp(new, plan.params, owners)
             under_ddp: dict[int, tuple[nn.Module, list[ParamState]]] = {}
             for (_, p), info, pp in zip(new, infos, plan.params):
                 st = self._take_over(p, info, pp) if pp.kind is not Kind.TORCH else None
@@ -281,13 +283,6 @@ class LowRankBackend:
                 state_mod.register(p, pp, st)
             for ddp, sts in under_ddp.values():
                 from lowrank_compile.runtime import dist
-
-                if self.config.update_in_backward:
-                    raise LowRankOptionError(
-                        f"lowrank option 'update_in_backward': got True for {sts[0].plan.name}, trained "
-                        "under DistributedDataParallel; an update inside the backward would run before the "
-                        "gradient is averaged over the ranks. Accepted under DDP: False"
-                    )
 
                 dist.adopt(ddp, sts)  # out of DDP's Reducer, before its backward is prepared
             if len(new) == len(params) and not any(pp.taken_over for pp in plan.params):
@@ -347,6 +342,20 @@ class LowRankBackend:
                 if not computes_loss:
                     unsure.append(owners.name_of(p, f"input{i}"))
         return out, unsure
+
+    def _refuse_ddp(self, new: list[tuple[int, torch.Tensor]], plans: list[ParamPlan], owners: Any) -> None:
+        """update_in_backward: refuse, before anything is taken over, a parameter trained under DDP."""
+        for (_, p), pp in zip(new, plans):
+            if pp.kind is not Kind.TORCH and owners.ddp_of(p) is not None:
+                from lowrank_compile import _compat
+
+                raise _compat.unwrapped_by_dynamo(
+                    LowRankOptionError(
+                        f"lowrank option 'update_in_backward': got True for {pp.name}, trained under "
+                        "DistributedDataParallel; an update inside the backward would run before the "
+                        "gradient is averaged over the ranks. Accepted under DDP: False"
+                    )
+                ) from None
 
     def take_over_late(self, p: torch.Tensor, info: ParamInfo) -> ParamState | None:
         """Plan a parameter the graphs left to torch.optim again, and take it over if the plan says so.

@@ -273,6 +273,27 @@ def scenario_diverged(rank: int, out: str) -> None:
     torch.save({"message": message, "step": i}, os.path.join(out, f"diverged.{rank}.pt"))
 
 
+def scenario_in_backward(rank: int, out: str) -> None:
+    """update_in_backward under DDP: refused at take-over, before any update, naming the option."""
+    model = MLP()
+    ddp = DDP(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    @torch.compile(backend="lowrank", options={**MLP_OPTS, "update_in_backward": True})
+    def step_fn(x):
+        mlp_loss(ddp, x).backward()
+
+    error = None
+    try:
+        step_fn(shard(mlp_micro(0, 0), rank))
+        opt.step()
+    except Exception as err:  # noqa: BLE001 (the report carries its type and text)
+        error = (type(err).__name__, str(err))
+    unchanged = all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    torch.save({"error": error, "unchanged": unchanged}, os.path.join(out, f"in_backward.{rank}.pt"))
+
+
 SCENARIOS = {
     "llama8": lambda r, o: scenario_llama(r, o, 8),
     "llama32": lambda r, o: scenario_llama(r, o, 32),
@@ -287,6 +308,7 @@ SCENARIOS = {
     "proj_dct": lambda r, o: scenario_projector(r, o, "dct"),
     "scaler": scenario_scaler,
     "diverged": scenario_diverged,
+    "in_backward": scenario_in_backward,
     "ckpt_resumed": lambda r, o: scenario_checkpoint(r, o, True),
 }
 

@@ -30,6 +30,7 @@ FIRST = [
     "proj_dct",
     "scaler",
     "diverged",
+    "in_backward",
 ]
 
 
@@ -226,3 +227,13 @@ def test_check_ranks_names_a_parameter_that_differs(runs):
     for rep in runs("diverged"):
         assert rep["step"] == 1
         assert rep["message"] is not None and "'b.weight'" in rep["message"] and "parameter" in rep["message"]
+
+
+def test_update_in_backward_is_refused_under_ddp(runs):
+    """The update would run before DDP's all-reduce: LowRankOptionError on every rank, weights untouched."""
+    for rep in runs("in_backward"):
+        assert rep["error"] is not None
+        kind, message = rep["error"]
+        assert kind == "LowRankOptionError", rep["error"]
+        assert "update_in_backward" in message and "DistributedDataParallel" in message
+        assert rep["unchanged"]
