@@ -135,8 +135,7 @@ def consume_project(
     A P without orthonormal columns (the seeded projectors, `orthonormal=False`) splits nothing
     off: E = A and sq_r stays 0, so the sketch estimates every cross term.
     """
-    # GEMMs in the parameter's dtype; accumulation in the buffers' dtype (fp32 for bf16/fp16).
-    r = (proj.t() @ g if left else g @ proj).to(rgrad.dtype)
+    r = _project(g, proj, left, rgrad.dtype)
     _accumulate(fresh, rgrad, r)
     consume_stats(g, fresh, sq, amax)
     a = g if left else g.t()
@@ -156,6 +155,37 @@ def consume_project(
             _accumulate(fresh, sq_r, (rw * rw).sum())
         _accumulate(fresh, c_y, yi)
         _accumulate(fresh, c_diag, (ei * ei).sum(0).to(c_diag.dtype))
+
+
+def _project(g: torch.Tensor, proj: torch.Tensor, left: bool, dtype: torch.dtype) -> torch.Tensor:
+    """R = P^T G (left) or G P (right): the GEMM in the parameter's dtype, R in `dtype`."""
+    return (proj.t() @ g if left else g @ proj).to(dtype)
+
+
+def _refreshed(
+    g: torch.Tensor,
+    code: torch.Tensor,
+    src: torch.Tensor,
+    basis: torch.Tensor,
+    rank: int,
+    left: bool,
+    name: str,
+    signs: str,
+    pbits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what refresh_projector returns, the d x r matrix to project with) on a refresh step.
+
+    `pbits` < 32: the matrix as it reads back once quantized (what later steps use).
+    """
+    from lowrank_compile.runtime.refresh_op import refresh_projector
+
+    new = refresh_projector(g, code, src, basis, rank, left, name, signs)
+    proj = basis[:, new] if basis.numel() else new
+    if pbits < 32:
+        from lowrank_compile.runtime.projector_quant import roundtrip
+
+        proj = roundtrip(proj, pbits)
+    return new, proj
 
 
 def consume_refresh(
@@ -179,15 +209,8 @@ def consume_refresh(
 
     `pbits` < 32: R is accumulated with P as it reads back once quantized (what later steps use).
     """
-    from lowrank_compile.runtime.refresh_op import refresh_projector
-
-    new = refresh_projector(g, code, src, basis, rank, left, name, signs)
+    new, proj = _refreshed(g, code, src, basis, rank, left, name, signs, pbits)
     dst.copy_(new)
-    proj = basis[:, new] if basis.numel() else new
-    if pbits < 32:
-        from lowrank_compile.runtime.projector_quant import roundtrip
-
-        proj = roundtrip(proj, pbits)
     consume_project(g, fresh, proj, rgrad, sq, amax, *clip_bufs, left=left, clip=bool(clip_bufs))
 
 
@@ -213,7 +236,7 @@ def _call_update(
     update_in_backward(token, values, list(anchors), MODES.index(mode))
 
 
-def update_full(g: torch.Tensor, token: torch.Tensor, *anchors: torch.Tensor, n_anchor: int) -> None:
+def update_full(g: torch.Tensor, token: torch.Tensor, *anchors: torch.Tensor) -> None:
     """update_in_backward, full-size gradient: the update reads G itself."""
     _call_update(token, [g], anchors, "full")
 
@@ -227,18 +250,17 @@ def update_project(
     left: bool,
     sketch: bool,
     acc_dtype: torch.dtype,
-    n_anchor: int,
 ) -> None:
-    """update_in_backward, projected: R = proj(G) (and the sketch Y = A Omega), then the update op."""
+    """update_in_backward, projected: R = proj(G) (and the sketch Y = A Omega), then the update op.
+
+    `rest`: the `n_p` projector inputs, then Omega when `sketch`, then the anchors.
+    """
     proj = get_p(g, *rest[:n_p])
-    r = (proj.t() @ g if left else g @ proj).to(acc_dtype)
-    values = [r]
+    values = [_project(g, proj, left, acc_dtype)]
     if sketch:
         omega = rest[n_p]
         values.append(((g if left else g.t()) @ omega).to(acc_dtype))
-    _call_update(
-        token, values, rest[len(rest) - n_anchor :] if n_anchor else (), "sketch" if sketch else "project"
-    )
+    _call_update(token, values, rest[n_p + int(sketch) :], "sketch" if sketch else "project")
 
 
 def update_refresh(
@@ -254,19 +276,10 @@ def update_refresh(
     signs: str,
     pbits: int,
     acc_dtype: torch.dtype,
-    n_anchor: int,
 ) -> None:
     """update_in_backward, svd/dct refresh step: P_new from G, R with it, then the update op."""
-    from lowrank_compile.runtime.refresh_op import refresh_projector
-
-    new = refresh_projector(g, code, src, basis, rank, left, name, signs)
-    proj = basis[:, new] if basis.numel() else new
-    if pbits < 32:
-        from lowrank_compile.runtime.projector_quant import roundtrip
-
-        proj = roundtrip(proj, pbits)
-    r = (proj.t() @ g if left else g @ proj).to(acc_dtype)
-    _call_update(token, [r, new], anchors, "refresh")
+    new, proj = _refreshed(g, code, src, basis, rank, left, name, signs, pbits)
+    _call_update(token, [_project(g, proj, left, acc_dtype), new], anchors, "refresh")
 
 
 def _inline(
@@ -376,8 +389,7 @@ class ConsumeGradients(GraphPass):
             anchors[slot.output_index] = [placeholders.index(a) for a in anc]
             token = placeholder(slot, "token", (), torch.int64, torch.device("cpu"))
             if slot.mode == "full":
-                fn: Any = functools.partial(update_full, n_anchor=len(anc))
-                last = _inline(graph, grad, fn, [grad, token, *anc], fake_mode)
+                last = _inline(graph, grad, update_full, [grad, token, *anc], fake_mode)
             else:
                 r, left = slot.rank, slot.side == "left"
                 d, e = (m, n) if left else (n, m)
@@ -390,7 +402,7 @@ class ConsumeGradients(GraphPass):
                         placeholder(slot, "refresh_src", p_shape, p_dt, dev),
                         placeholder(slot, "basis", (d, d) if slot.dct else (0,), dt, dev),
                     ]
-                    fn = functools.partial(
+                    fn: Any = functools.partial(
                         update_refresh,
                         rank=r,
                         left=left,
@@ -398,7 +410,6 @@ class ConsumeGradients(GraphPass):
                         signs=slot.signs,
                         pbits=slot.pbits,
                         acc_dtype=acc_dt,
-                        n_anchor=len(anc),
                     )
                 else:
                     pins, get_p = projector_inputs(slot, d, r, min(m, n), dt, dev)
@@ -412,7 +423,6 @@ class ConsumeGradients(GraphPass):
                         left=left,
                         sketch=slot.mode == "sketch",
                         acc_dtype=acc_dt,
-                        n_anchor=len(anc),
                     )
                 last = _inline(graph, grad, fn, [grad, token, *ins, *anc], fake_mode)
             # After the last node that reads the parameter, directly or through views of it: its

@@ -148,17 +148,13 @@ def _update_one(
     float64 step counter, ("t",) a plain tensor. Full-rank parameters update `w` from `grad`,
     with the decay applied before the rule, as torch.optim applies it. Projected ones run the
     rule on `virtual` (zeroed) from R = `grad`, then apply W <- W * (1 - lr * wd) +
-    back(scale * v); an L2 decay adds wd * proj(W) to R instead. `salt` (int64, 1 element) is
-    the parameter's update counter: it seeds the stochastic rounding of the 8-bit settle rule
+    back(scale * v); an L2 decay adds wd * proj(W) to R instead. `salt` (int64, 1 or 2 elements) is
+    the parameter's update counter (with the piece's first element index when the update runs
+    in pieces, `_pieces`): it seeds the stochastic rounding of the 8-bit settle rule
     (runtime/quant.py) and, with `sr` (bf16 weights, `stochastic_rounding=True`), of the weight.
     """
     rule, first, projected, side, decay, dct, scale, layout, as_blocks, settles, sr = sig
-    stores: list[list[torch.Tensor]] = []
-    i = 0
-    for kind in layout:
-        n = 2 if kind[0] == "q" else 1
-        stores.append(list(flat[i : i + n]))
-        i += n
+    stores = _stores(layout, flat)
     lr = lr1.view(())
     wd = wd1.view(())
     hv = [hps[i] for i in range(len(rule.hp_keys))]
@@ -261,7 +257,8 @@ def _pieces(
     per = next((d for d in range(most, 0, -1) if nblocks % d == 0), most)
     if per < most // 4:  # no near divisor: equal pieces plus one remainder (two compiled shapes)
         per = most
-    counters = [t for kind, t in zip(layout, _stores(layout, flat)) if kind[0] == "s"]
+    stores = _stores(layout, flat)
+    counters = [store for kind, store in zip(layout, stores) if kind[0] == "s"]
     saved = [c[0].clone() for c in counters]
     wf, gf = w.view(-1), grad.reshape(-1)
     out: list[tuple[Any, ...]] = []
@@ -269,7 +266,7 @@ def _pieces(
         b1 = min(nblocks, b0 + per)
         a, z = b0 * quant.BLOCK, b1 * quant.BLOCK
         pieces: list[torch.Tensor] = []
-        for kind, store in zip(layout, _stores(layout, flat)):
+        for kind, store in zip(layout, stores):
             if kind[0] == "q":
                 pieces += [store[0][a:z], store[1][b0:b1]]
             elif kind[0] == "s":
@@ -533,9 +530,9 @@ class OptimizerBinding:
 
             dist.check_ranks(self.states)
 
-    def _ensure_built(self) -> None:
-        """(Re)build the items when parameters, loaded states or structural hyper-parameters changed."""
-        if self._compiled is None or self._dirty or not self._items or self._rules_changed():
+    def _ensure_built(self, rules: bool = True) -> None:
+        """(Re)build the items when parameters, loaded states or (`rules`) group structure changed."""
+        if self._compiled is None or self._dirty or not self._items or (rules and self._rules_changed()):
             self._build()
 
     def _read_group(self, it: _Item) -> None:
@@ -579,11 +576,9 @@ class OptimizerBinding:
             try:
                 if pj is not None:
                     refresh.prepare(st)
-                if not self._checked:
-                    self._checked = True
-                    self._ensure_built()
-                elif self._dirty or self._compiled is None:
-                    self._build()
+                # The param groups' structure is looked at once per step, at its first update.
+                self._ensure_built(rules=not self._checked)
+                self._checked = True
                 it = self._item_of[id(st)]
                 lr = self._lrs[st.group]
                 lr.fill_(float(self.opt.param_groups[st.group]["lr"]))

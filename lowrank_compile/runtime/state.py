@@ -436,7 +436,7 @@ class ParamState:
         pj = self.proj
         pj.full = None
         if pj.method != "randomized":
-            pj.r_acc = _EMPTY_R.get(pj.r_acc.dtype, pj.r_acc.device)
+            pj.r_acc = shared_scratch((0,), pj.r_acc.dtype, pj.r_acc.device)  # empty: no bytes
 
     def accumulate(self, g: torch.Tensor) -> None:
         """Add a gradient computed outside the compiled backward (what autograd left in .grad)."""
@@ -566,22 +566,6 @@ class ParamState:
 _CONSTANTS: dict[tuple[torch.device, type, int], torch.Tensor] = {}
 
 
-class _Empty:
-    """One empty tensor per (dtype, device): the R of a parameter between in-backward updates."""
-
-    def __init__(self) -> None:
-        self._t: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-
-    def get(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = (dtype, torch.device(device))
-        if key not in self._t:
-            self._t[key] = torch.zeros(0, dtype=dtype, device=device)
-        return self._t[key]
-
-
-_EMPTY_R = _Empty()
-
-
 def constant(device: torch.device, value: bool | int) -> torch.Tensor:
     """A cached 0-d tensor holding `value` (bool or int64): the backward graph's flag and code inputs."""
     key = (device, type(value), int(value))  # the type keeps True and 1 apart
@@ -651,7 +635,9 @@ def _make_projection(p: torch.Tensor, plan: ParamPlan, config: LowRankConfig) ->
         # Low-rank accumulators and the rule's parameter in the compute dtype (fp32 for bf16/fp16
         # parameters); the projector stays in the parameter's dtype for the GEMMs.
         # update_in_backward: R is a graph temporary (the randomized sketch's warm start keeps one).
-        r_acc=torch.zeros(low if in_step else (0,), device=dev, dtype=compute_dtype(dt)),
+        r_acc=torch.zeros(low, device=dev, dtype=compute_dtype(dt))
+        if in_step
+        else shared_scratch((0,), compute_dtype(dt), dev),
         sq=torch.zeros((), device=dev, dtype=_stat_dtype(dt)),
         amax=torch.zeros((), device=dev, dtype=_stat_dtype(dt)),
         virtual=shape_carrier(low, compute_dtype(dt), dev),
