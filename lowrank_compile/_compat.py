@@ -26,6 +26,7 @@ __all__ = [
     "compile_wrapper_target",
     "compile_fx",
     "compile_fx_inner",
+    "compile_later_context",
     "counters",
     "detect_fake_mode",
     "dynamo_disable",
@@ -50,6 +51,27 @@ def no_autograd_cache() -> Iterator[None]:
     """
     with functorch_config.patch(enable_autograd_cache=False):
         yield
+
+
+def compile_later_context() -> Callable[[], contextlib.AbstractContextManager[None]]:
+    """Save the tracing and compile contexts now; the returned factory re-enters them later.
+
+    For compiling another variant of a backward graph at its first use, outside AOTAutograd's
+    compile, as AOTAutograd's own lazy backward compile does (runtime_wrappers: get_or_compile).
+    """
+    from torch._guards import CompileContext
+    from torch._guards import TracingContext
+    from torch._guards import compile_context
+    from torch._guards import tracing
+
+    saved, saved_compile = TracingContext.try_get(), CompileContext.try_get()
+
+    @contextlib.contextmanager
+    def enter() -> Iterator[None]:
+        with tracing(saved), compile_context(saved_compile), torch._C._DisableAutocast():
+            yield
+
+    return enter
 
 
 def static_fake(fake_mode: Any, tensor: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ untouched. So do parameters the plan leaves to torch.optim, with one warning per
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import warnings
@@ -73,46 +74,70 @@ class GraphRecord:
     backward_compiled: bool = False
     fallback: str | None = None  # why the backward was not rewritten, if it was not
     identity_guards: int = 0  # ID_MATCH guards added so the graph never runs on other parameters
+    # Backward calls per variant ("steady", "refresh", "lean"); a variant is compiled at its first call.
+    variant_calls: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class BackwardWithState:
     """A compiled backward that also takes the backend's buffers as trailing inputs.
 
     AOTAutograd calls it boxed (one list of inputs, consumed). There is one compiled graph per
-    variant: "steady", and "refresh" when the graph holds projected parameters. Each call picks
-    a variant, appends the extra inputs that consume-grads declared for it, runs the graph, and
-    marks the consumed states as holding a gradient.
+    variant: "steady"; "refresh" when the graph holds svd/dct/randomized projected parameters
+    (their refresh step); "lean" when clip_stats="auto" lets the backward skip what only
+    clip_grad_norm_ reads. Each call picks a variant, compiles it on its first use (as
+    AOTAutograd compiles a backward: under the forward's saved tracing context), appends the
+    extra inputs that consume-grads declared for it, runs the graph, and marks the consumed
+    states as holding a gradient.
     """
 
     def __init__(
         self,
-        variants: dict[str, tuple[Any, list[tuple[ParamState, str]]]],
-        anchors: dict[str, dict[int, tuple[ParamState, list[int]]]] | None = None,
+        names: list[str],
+        build: Any,
+        states: list[ParamState],
         num_inputs: int = 0,
+        calls: dict[str, int] | None = None,
     ) -> None:
         # An instance attribute: AOTAutograd wraps this object with functools.wraps, which copies
         # the instance __dict__ (not class attributes) onto the wrapper it calls.
         self._boxed_call = True
-        self.variants = variants
-        first = next(iter(variants.values()))
-        self.compiled = first[0]
-        self.states = list({id(st): st for st, _ in first[1]}.values())
+        self.names = names
+        self._build = build  # name -> (compiled, extra inputs, anchors)
+        self.variants: dict[str, tuple[Any, list[tuple[ParamState, str]]]] = {}
+        self.states = states
         # update_in_backward (runtime/update_op.py): per variant, the states the graph updates and
         # the input positions that are their parameters; checked against aliases on first call.
-        self.anchors = anchors or {}
-        self.unchecked = set(self.anchors)
+        self.anchors: dict[str, dict[int, tuple[ParamState, list[int]]]] = {}
+        self.unchecked: set[str] = set()
         self.num_inputs = num_inputs
         self.in_backward = [st for st in self.states if st.config.update_in_backward]
         self.projected = [st for st in self.states if st.proj is not None]
-        self.calls: dict[str, int] = {name: 0 for name in variants}
+        # The states the "lean" variant consumes without statistics.
+        self.lean = [
+            st for st in self.projected if st.config.clip_stats == "auto" and not st.config.update_in_backward
+        ]
+        self.calls: dict[str, int] = {} if calls is None else calls  # the GraphRecord's variant_calls
         # Parameters trained under DDP: their buffers are reduced by runtime/dist.py.
         self.data_parallel = [st for st in self.states if st.dp is not None]
+        self.compiled = self._variant(self.variant(), now=True)[0]
 
     def variant(self) -> str:
         """The variant the next call runs."""
-        if "refresh" in self.variants and any(st.proj.refresh_due() for st in self.projected if st.proj):
+        if "refresh" in self.names and any(st.proj.refresh_due() for st in self.projected if st.proj):
             return "refresh"
+        if "lean" in self.names and all(st.lean_ok() for st in self.lean):
+            return "lean"
         return "steady"
+
+    def _variant(self, name: str, now: bool = False) -> tuple[Any, list[tuple[ParamState, str]]]:
+        """Variant `name`, compiled on first use (`now`: inside AOTAutograd's own compile)."""
+        if name not in self.variants:
+            compiled, extra, anchors = self._build(name, now)
+            self.variants[name] = (compiled, extra)
+            if anchors:
+                self.anchors[name] = anchors
+                self.unchecked.add(name)
+        return self.variants[name]
 
     def __call__(self, args: list[Any]) -> Any:
         if self.data_parallel:
@@ -125,7 +150,7 @@ class BackwardWithState:
 
                 raise second_gradient_error(st.plan.name)
         name = self.variant()
-        compiled, extra = self.variants[name]
+        compiled, extra = self._variant(name)
         if name in self.unchecked:
             self._check_aliases(name, args)
         for st, role in extra:
@@ -138,10 +163,15 @@ class BackwardWithState:
             if st.config.update_in_backward:
                 st.backward_calls += 1  # its update ran in the graph and reset the flags
                 continue
+            if st.fresh:
+                st.no_stats = False
             st.fresh = False
             st.backward_calls += 1
             st.calls_since_zero += 1
-        self.calls[name] += 1
+        if name == "lean":
+            for st in self.lean:
+                st.no_stats = True  # clip_grad_norm_ cannot read this step's gradient norm
+        self.calls[name] = self.calls.get(name, 0) + 1
         if self.data_parallel:
             dist.after_backward(self.data_parallel)
         return out
@@ -493,9 +523,14 @@ def _slot(i: int, st: ParamState, variant: str) -> Any:
     if pj.pcodes is not None:  # a quantized projector: codes and group scales are the inputs
         assert pj.pqparams is not None
         q |= {"pbits": pj.pbits, "pshapes": (tuple(pj.pcodes.shape), tuple(pj.pqparams.shape))}
-    if variant == "steady" or pj.seeded:
-        # A seeded projector refreshes without the gradient (refresh.advance_seeded): one variant.
+    if variant in ("steady", "lean") or pj.seeded:
+        # A seeded projector refreshes without the gradient (refresh.advance_seeded): no refresh variant.
         seeded = pj.method if pj.seeded else ""
+        if up or (variant == "lean" and st.config.clip_stats == "auto"):
+            # No clip reads this gradient (none can follow an update inside the backward): no
+            # statistics, no clip sketch, and R straight from the layer's input and output gradient.
+            q |= {"stats": False, "direct": True}
+            ck = 0
         return GradSlot(i, "project", side=pj.side, dct=dct, rank=pj.rank, clip_k=ck, seeded=seeded, **q)
     if pj.method == "randomized":
         k = sketch_sizes(pj.rank, pj.reduced, pj.kept)
@@ -543,18 +578,20 @@ def _inner_compile(
             "and are folded into the backend's buffers at opt.step() (correct, but no memory saved)."
         )
         return _compat.compile_fx_inner(gm, example_inputs, **kwargs)
+    # Variants whose slots differ from the steady ones; each is compiled on its first use.
     names = ["steady"]
-    if any(st.proj is not None for st in slots.values()) and any(
-        _slot(i, st, "refresh") != _slot(i, st, "steady") for i, st in slots.items()
-    ):
-        names.append("refresh")
+    for name in ("refresh", "lean"):
+        projected = [(i, st) for i, st in slots.items() if st.proj is not None]
+        if any(_slot(i, st, name) != _slot(i, st, "steady") for i, st in projected):
+            names.append(name)
     num_placeholders = len(example_inputs)
     static = list(kwargs.pop("static_input_idxs", None) or [])
-    variants: dict[str, tuple[Any, list[tuple[ParamState, str]]]] = {}
-    anchors: dict[str, dict[int, tuple[ParamState, list[int]]]] = {}
-    pristine = _clone(gm) if len(names) > 1 else gm
-    for name in names:
-        vgm = gm if name == names[-1] else _clone(pristine)
+    pristine = _clone(gm)
+    later = _compat.compile_later_context()
+
+    def build(name: str, now: bool) -> tuple[Any, list[tuple[ParamState, str]], dict[int, Any]]:
+        """Variant `name`: (compiled graph, its extra inputs, update_in_backward's anchors)."""
+        vgm = _clone(pristine)
         records = backward_passes(vgm, [_slot(i, st, name) for i, st in sorted(slots.items())])
         for rec in records:
             rec.name = f"{rec.name} [{name}]" if len(names) > 1 else rec.name
@@ -563,13 +600,17 @@ def _inner_compile(
         new_inputs = [n.meta["val"] for n in placeholders[num_placeholders:]]
         vkw = dict(kwargs)
         vkw["static_input_idxs"] = static + list(range(num_placeholders, num_placeholders + len(new_inputs)))
-        compiled = _compat.compile_fx_inner(vgm, list(example_inputs) + new_inputs, **vkw)
+        with contextlib.nullcontext() if now else later():
+            compiled = _compat.compile_fx_inner(vgm, list(example_inputs) + new_inputs, **vkw)
         spec = vgm.meta.get(EXTRA_INPUTS_KEY, [])
-        variants[name] = (compiled, [(slots[i], role) for i, role in spec])
-        if ANCHORS_KEY in vgm.meta:
-            anchors[name] = {i: (slots[i], pos) for i, pos in vgm.meta[ANCHORS_KEY].items()}
+        anchors = {i: (slots[i], pos) for i, pos in vgm.meta.get(ANCHORS_KEY, {}).items()}
+        return compiled, [(slots[i], role) for i, role in spec], anchors
+
+    # The states this graph makes a gradient for (an output that is None stays with nobody).
+    present = [st for i, st in sorted(slots.items()) if isinstance(outputs[i], torch.fx.Node)]
+    states = list({id(st): st for st in present}.values())
     record.backward_compiled = True
-    return BackwardWithState(variants, anchors, num_placeholders)
+    return BackwardWithState(names, build, states, num_placeholders, record.variant_calls)
 
 
 def _check_backward(outputs: list[Any], slots: dict[int, ParamState], num_inputs: int) -> str | None:

@@ -171,6 +171,7 @@ def inspect_report(steps_run: int, timeline: dict[str, Any] | None = None) -> di
                     "planned": len(g.planned),
                     "backward_rewritten": g.backward_compiled,
                     "fallback": g.fallback,
+                    "backward_variant_calls": dict(g.variant_calls),
                     "passes": [
                         {
                             "name": p.name,

@@ -36,6 +36,7 @@ SEEDED_PROJECTORS = ("sparse", "gaussian")
 STATE_BITS = (32, 8)
 PROJECTOR_BITS = (32, 16, 8, 4)  # runtime/projector_quant.py
 GRAD_ACCUMULATION = ("projected", "full")
+CLIP_STATS = ("auto", "always")  # backend.py: the "lean" backward variant
 SVD_SIGNS = ("canonical", "lapack")  # runtime/projector.py: svd_projector's `signs`
 
 # One line per option: (accepted values, meaning). The README table and `lowrank-compile options`
@@ -84,6 +85,13 @@ OPTION_DOCS: dict[str, tuple[str, str]] = {
         "width of the random sketch of the projection residual that lets clip_grad_norm_ estimate the "
         "2-norm of a gradient accumulated over several backward calls (README: Clipping); 0 = no sketch, "
         "and clip_grad_norm_ after accumulation raises LowRankClipError",
+    ),
+    "clip_stats": (
+        " | ".join(CLIP_STATS),
+        "when the backward computes ||G||^2 and max|G| of projected gradients, which clip_grad_norm_ reads: "
+        "auto = until the first opt.step() that no clipping preceded, then never (R is then made from the "
+        "layer's input and output gradient without forming G: fewer flops; clipping after that raises "
+        "LowRankClipError); always = every step",
     ),
     "check_ranks": (
         "bool",
@@ -134,6 +142,7 @@ class LowRankConfig:
     rotate_states: bool = False
     grad_accumulation: str = "projected"
     clip_sketch: int = 16
+    clip_stats: str = "auto"
     check_ranks: bool = False
     state_bits: int = 8
     stochastic_rounding: bool = False
@@ -229,6 +238,8 @@ def _validate(cfg: LowRankConfig) -> None:
         raise _fail("grad_accumulation", cfg.grad_accumulation)
     if not _is_int(cfg.clip_sketch) or cfg.clip_sketch < 0:
         raise _fail("clip_sketch", cfg.clip_sketch)
+    if cfg.clip_stats not in CLIP_STATS:
+        raise _fail("clip_stats", cfg.clip_stats)
     if cfg.state_bits not in STATE_BITS or not _is_int(cfg.state_bits):
         raise _fail("state_bits", cfg.state_bits)
     if not _is_int(cfg.min_dim) or cfg.min_dim < 1:

@@ -152,6 +152,7 @@ def test_projected_8bit_states_track_projected_fp32_states():
     assert st8.proj.refreshes == 3  # updates 0, 20 and 40
 
 
+@pytest.mark.slow  # the demo's model: its own forward, backward and update graphs (a cold compile)
 def test_default_state_bytes_on_hf_llama_are_at_most_15_percent_of_adamw():
     """Defaults (rank 1/4, state_bits 8) on the demo's LlamaForCausalLM config, measured and planned."""
     import sys

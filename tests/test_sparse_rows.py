@@ -149,7 +149,9 @@ def _sgd_envelope(hp, env, peak, g, w_prev):
     return buf, peak, (g_eff + mu * peak if hp.get("nesterov") else peak)
 
 
-@_budget(ci_examples=12)
+# 6 examples in CI: each one is a new parameter shape, so a new compile of the 8-bit update
+# (the cost of a cold CI run); LOWRANK_FUZZ_EXAMPLES=40 gives the measured run above.
+@_budget(ci_examples=6)
 @given(
     name=st.sampled_from(sorted(RULES)),
     rows=st.integers(48, 96),
@@ -303,6 +305,7 @@ def _embedding_run(kind: str, base, data, options=None):
     return m, opt
 
 
+@pytest.mark.slow  # five trainings of a 2-layer hidden-128 Llama; the rules are held above, per step
 def test_issue_run_embedding_tracks_fp32_like_bitsandbytes():
     """The issue's run: HF Llama (hidden 128, 2 layers, bytes), batch 4x64 of stdlib sources, 20 steps.
 

@@ -25,6 +25,10 @@ Modes per slot (G is the gradient, m x n; every accumulator follows `where(fresh
   projectors (sparse, gaussian) it is generated in the graph from a one-element key
   (runtime/projector.py: seeded_projector), so it is never an input; a quantized one
   (`projector_bits` < 32) arrives as codes and group scales and is dequantized in the graph.
+- "project" with `stats=False` (no sum(G^2), max|G| or clip sketch: nothing will clip) and
+  `direct`: when G is one mm(A, B) (a linear layer's dY^T X) under transposes that nothing else
+  reads and two thin GEMMs cost fewer flops, R = (P^T A) B or A (B P) (or their transposed
+  forms) is made from the factors, and the mm that formed G is erased.
 - "sketch": "project" plus the randomized refresh sketch Y += A Omega, with A = G (left) or
   G^T (right).
 - with `clip_k > 0`, "project", "sketch" and "refresh" also accumulate a k-column sketch of the
@@ -87,12 +91,16 @@ class GradSlot:
     pbits: int = 32  # < 32: P arrives as codes + group scales, dequantized in the graph
     pshapes: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())  # pbits < 32: codes', scales' shapes
     update: bool = False  # update_in_backward: hand the update op what it reads, accumulate nothing
+    stats: bool = True  # project/sketch/refresh: accumulate sum(G^2) and max|G| (for clip_grad_norm_)
+    direct: bool = False  # project, no stats: R from the factors of G = A B when that is fewer flops
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"GradSlot.mode must be one of {MODES}, got {self.mode!r}")
         if self.mode != "full" and (self.side not in ("left", "right") or self.rank < 1):
             raise ValueError(f"GradSlot mode {self.mode!r} needs side and rank")
+        if self.direct and (self.mode != "project" or self.clip_k or (self.stats and not self.update)):
+            raise ValueError("GradSlot.direct needs mode 'project' without stats or clip sketch")
 
 
 # The consumers, as ordinary eager torch code. The pass traces them with make_fx under the
@@ -125,6 +133,7 @@ def consume_project(
     sketch: bool = False,
     clip: bool = False,
     orthonormal: bool = True,
+    stats: bool = True,
 ) -> None:
     """R += proj(G), sum(G^2) and max|G|; `sketch`: Y += A Omega; `clip`: the residual sketch.
 
@@ -137,7 +146,8 @@ def consume_project(
     """
     r = _project(g, proj, left, rgrad.dtype)
     _accumulate(fresh, rgrad, r)
-    consume_stats(g, fresh, sq, amax)
+    if stats:
+        consume_stats(g, fresh, sq, amax)
     a = g if left else g.t()
     rest = list(extra)
     if sketch:
@@ -160,6 +170,66 @@ def consume_project(
 def _project(g: torch.Tensor, proj: torch.Tensor, left: bool, dtype: torch.dtype) -> torch.Tensor:
     """R = P^T G (left) or G P (right): the GEMM in the parameter's dtype, R in `dtype`."""
     return (proj.t() @ g if left else g @ proj).to(dtype)
+
+
+def _project_factors(
+    a: torch.Tensor, b: torch.Tensor, proj: torch.Tensor, left: bool, transposed: bool, dtype: torch.dtype
+) -> torch.Tensor:
+    """`_project` of G = A B (`transposed`: G = (A B)^T) without forming G: two thin GEMMs."""
+    if left:  # P^T G
+        r = (b @ proj).t() @ a.t() if transposed else (proj.t() @ a) @ b
+    else:  # G P
+        r = b.t() @ (a.t() @ proj) if transposed else a @ (b @ proj)
+    return r.to(dtype)
+
+
+def consume_project_factors(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    fresh: torch.Tensor,
+    proj: torch.Tensor,
+    rgrad: torch.Tensor,
+    *,
+    left: bool,
+    transposed: bool,
+) -> None:
+    """R += proj(G) for G = A B (or its transpose), G never formed; no statistics."""
+    _accumulate(fresh, rgrad, _project_factors(a, b, proj, left, transposed, rgrad.dtype))
+
+
+def _factors(grad: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, bool, list[torch.fx.Node]] | None:
+    """(A, B, transposed, the nodes from `grad` down to the mm), or None.
+
+    Found when `grad` is A @ B, or its transpose, through 2-D transposes that nothing else reads.
+    """
+    chain: list[torch.fx.Node] = []
+    node, transposed = grad, False
+    while True:
+        if len(node.users) != 1:
+            return None
+        chain.append(node)
+        if node.op != "call_function":
+            return None
+        target, args = node.target, node.args
+        if target is aten.mm.default:
+            a, b = args[0], args[1]
+            if isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node):
+                return a, b, transposed, chain
+            return None
+        is_t = target is aten.t.default or (
+            target is aten.permute.default and list(cast(Sequence[int], args[1])) == [1, 0]
+        )
+        if not is_t or not isinstance(args[0], torch.fx.Node):
+            return None
+        node, transposed = args[0], not transposed
+
+
+def _direct_pays(a: torch.fx.Node, b: torch.fx.Node, rank: int) -> bool:
+    """Fewer flops for the two thin GEMMs r T (m + n) than for forming G and projecting it."""
+    (m, t), (_, n) = a.meta["val"].shape, b.meta["val"].shape
+    if not all(isinstance(x, int) for x in (m, t, n)):
+        return False  # symbolic sizes: keep the graph as it is
+    return rank * t * (m + n) < m * n * (t + rank)
 
 
 def _refreshed(
@@ -261,6 +331,22 @@ def update_project(
         omega = rest[n_p]
         values.append(((g if left else g.t()) @ omega).to(acc_dtype))
     _call_update(token, values, rest[n_p + int(sketch) :], "sketch" if sketch else "project")
+
+
+def update_project_factors(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    token: torch.Tensor,
+    *rest: torch.Tensor,
+    get_p: Any,
+    n_p: int,
+    left: bool,
+    transposed: bool,
+    acc_dtype: torch.dtype,
+) -> None:
+    """update_project for G = A B (or its transpose), G never formed. `rest`: projector inputs, anchors."""
+    proj = get_p(a, *rest[:n_p])
+    _call_update(token, [_project_factors(a, b, proj, left, transposed, acc_dtype)], rest[n_p:], "project")
 
 
 def update_refresh(
@@ -376,6 +462,16 @@ class ConsumeGradients(GraphPass):
                 return pins, lambda g, codes, qparams: deq(codes, qparams, dtype=g.dtype)
             return [placeholder(slot, "proj", (d, r), dt, dev)], lambda g, p: p
 
+        dead: list[torch.fx.Node] = []  # G and the transposes above it, when R is made from G's factors
+
+        def direct(slot: GradSlot, grad: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, bool] | None:
+            """(A, B, transposed) when the slot may skip forming G = A B and that pays; else None."""
+            found = _factors(grad) if slot.direct and outputs.count(grad) == 1 else None
+            if found is None or not _direct_pays(found[0], found[1], slot.rank):
+                return None
+            dead.extend(found[3])
+            return found[0], found[1], found[2]
+
         by_name = {n.name: n for n in placeholders}
         anchors: dict[int, list[int]] = dict(gm.meta.get(ANCHORS_KEY, {}))
 
@@ -388,6 +484,7 @@ class ConsumeGradients(GraphPass):
             anc = [anchor] if anchor is not None else []
             anchors[slot.output_index] = [placeholders.index(a) for a in anc]
             token = placeholder(slot, "token", (), torch.int64, torch.device("cpu"))
+            factors = None
             if slot.mode == "full":
                 last = _inline(graph, grad, update_full, [grad, token, *anc], fake_mode)
             else:
@@ -424,7 +521,20 @@ class ConsumeGradients(GraphPass):
                         sketch=slot.mode == "sketch",
                         acc_dtype=acc_dt,
                     )
-                last = _inline(graph, grad, fn, [grad, token, *ins, *anc], fake_mode)
+                    factors = direct(slot, grad)
+                    if factors is not None:
+                        a, b, transposed = factors
+                        fn = functools.partial(
+                            update_project_factors,
+                            get_p=get_p,
+                            n_p=len(pins),
+                            left=left,
+                            transposed=transposed,
+                            acc_dtype=acc_dt,
+                        )
+                        last = _inline(graph, grad, fn, [a, b, token, *ins, *anc], fake_mode)
+                if factors is None:
+                    last = _inline(graph, grad, fn, [grad, token, *ins, *anc], fake_mode)
             # After the last node that reads the parameter, directly or through views of it: its
             # update must not change what they read.
             aliases, todo = set(anc), list(anc)
@@ -504,17 +614,30 @@ class ConsumeGradients(GraphPass):
                     sketch=slot.mode == "sketch",
                     clip=slot.clip_k > 0,
                     orthonormal=not slot.seeded,
+                    stats=slot.stats,
                 )
 
                 npins = len(pins)
+                factors = direct(slot, grad)
+                if factors is not None:
+                    a, b, transposed = factors
+                    consume_ab = functools.partial(consume_project_factors, left=left, transposed=transposed)
 
-                def fn(g, fresh, *rest, consume=consume, get_p=get_p, n=npins):
-                    consume(g, fresh, get_p(g, *rest[:n]), *rest[n:])
+                    def fn_ab(a, b, fresh, *rest, consume=consume_ab, get_p=get_p, n=npins):
+                        consume(a, b, fresh, get_p(a, *rest[:n]), *rest[n:])
 
-                _inline(graph, grad, fn, [grad, fresh, *pins, rbuf, sq, amax, *extra_args], fake_mode)
+                    _inline(graph, grad, fn_ab, [a, b, fresh, *pins, rbuf], fake_mode)
+                else:
+
+                    def fn(g, fresh, *rest, consume=consume, get_p=get_p, n=npins):
+                        consume(g, fresh, get_p(g, *rest[:n]), *rest[n:])
+
+                    _inline(graph, grad, fn, [grad, fresh, *pins, rbuf, sq, amax, *extra_args], fake_mode)
             outputs[slot.output_index] = None
             rewrites += 1
         out_node.args = (tuple(outputs),)
+        for node in dead:  # from the output's producer down to the mm: each has no reader left
+            graph.erase_node(node)
         # compile_fx_backward listed the visible outputs before this pass ran; refresh the list.
         if "user_visible_output_idxs" in out_node.meta:
             out_node.meta["user_visible_output_idxs"] = [

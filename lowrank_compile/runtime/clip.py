@@ -19,6 +19,9 @@ Norm of a taken-over parameter's full gradient:
   k-column random sketch (`clip_sketch`, see `residual_estimate`). Other norm types raise
   `LowRankClipError`, which says what to do instead. `report()` gives the last estimate's
   relative standard error.
+- with `clip_stats="auto"` (the default), once an opt.step() came with no clip before it, the
+  backward stops computing sum(G^2) and max|G| (backend.py's "lean" variant); a clip on such a
+  step raises `LowRankClipError`, and the statistics come back from the next step on.
 
 Clipping multiplies every accumulator by the same coefficient (sums of squares by its square),
 which is exact because projection and the sketch are linear.
@@ -109,6 +112,10 @@ def _split(parameters: Any) -> tuple[list[torch.Tensor], list[Any]]:
                     "could see its gradient. Accepted with clip_grad_norm_/clip_grad_value_: "
                     "update_in_backward=False"
                 )
+    for p in params:
+        st = lookup(p)
+        if st is not None:
+            st.clip_seen = True  # clip_stats="auto": its backward keeps the statistics from now on
     for b in bindings.values():
         b.fold_stray_grads()  # an eager backward may have left .grad on planned parameters
     for p in params:
@@ -196,6 +203,13 @@ def _norm_of(st: Any, norm_type: float, variances: list[torch.Tensor], estimated
     if full is not None:
         return torch.linalg.vector_norm(full, norm_type)
     pj = st.proj
+    if st.no_stats:
+        raise LowRankClipError(
+            f"clip_grad_norm_: {st.plan.name} is projected, and this step's backward did not compute its "
+            "full gradient's norm: with clip_stats='auto' (the default) the backend stops computing it "
+            "after the first opt.step() that no clipping preceded. The backward computes it again from "
+            "the next step on; to clip from any step, pass options={'clip_stats': 'always'}."
+        )
     if st.contributions() > 1:
         off = st.config.clip_sketch == 0
         if off or norm_type != 2.0:

@@ -211,6 +211,16 @@ class ParamState:
     # backward already updated the parameter since the last opt.step().
     token: int = 0
     done: bool = False
+    # clip_stats="auto" (backend.py's "lean" variant): updates applied in this process, whether a
+    # clip ever read this parameter's gradient, and whether the step's backward skipped the
+    # statistics (sum(G^2), max|G|) that clip_grad_norm_ needs. Not saved: a resumed run observes again.
+    steps_here: int = 0
+    clip_seen: bool = False
+    no_stats: bool = False
+
+    def lean_ok(self) -> bool:
+        """True when this parameter's backward may skip the statistics clip_grad_norm_ reads."""
+        return self.config.clip_stats == "auto" and self.steps_here >= 1 and not self.clip_seen
 
     def contributions(self) -> int:
         """How many gradients the buffers sum (backward calls, times ranks once reduced)."""
@@ -442,6 +452,8 @@ class ParamState:
         """Add a gradient computed outside the compiled backward (what autograd left in .grad)."""
         g = g.detach()
         self.ensure_accumulators()
+        if self.fresh:
+            self.no_stats = False  # the eager consumers below compute the statistics
         if self.proj is None:
             assert self.grad is not None
             if self.fresh:
