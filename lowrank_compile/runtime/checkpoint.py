@@ -103,6 +103,9 @@ def export(st: Any) -> dict[str, Any] | None:
         "scalars": dict.fromkeys(st.scalar_keys, True),
         "first": bool(st.binding is not None and st.binding.is_first(st)),
         "rounds": int(st.rounds),
+        # clip_stats="auto": 2 = a clip has read this gradient, 1 = updated with no clip yet, 0 = not
+        # updated. A resumed run picks the backward variant the uninterrupted one would (bit for bit).
+        "clip": 2 if st.clip_seen else int(st.steps_here > 0),
     }
     if st.proj is not None:
         pj = st.proj
@@ -180,6 +183,9 @@ def restore(st: Any, entry: Any) -> None:
             states[k] = states[k].reshape(())
         first = bool(low.get("first", False))
         st.rounds = int(low.get("rounds", 0))
+        clip = int(low.get("clip", 0))
+        st.clip_seen = clip == 2
+        st.steps_here = int(clip > 0)
         if low["projected"]:
             side, rank, method = _SIDES[int(low["side"])], int(low["rank"]), _METHODS[int(low["method"])]
             stored = _dec(low["projector"], dev)
@@ -279,6 +285,7 @@ def forget(st: Any) -> None:
     st.ostate = None
     st.pending_state = None
     st.pending_first = True
+    st.steps_here = 0  # a fresh state's first step keeps the clip statistics, as a fresh run's does
     if st.proj is not None:
         pj = st.proj
         pj.has_p = False

@@ -211,9 +211,10 @@ class ParamState:
     # backward already updated the parameter since the last opt.step().
     token: int = 0
     done: bool = False
-    # clip_stats="auto" (backend.py's "lean" variant): updates applied in this process, whether a
-    # clip ever read this parameter's gradient, and whether the step's backward skipped the
-    # statistics (sum(G^2), max|G|) that clip_grad_norm_ needs. Not saved: a resumed run observes again.
+    # clip_stats="auto" (backend.py's "lean" variant): updates applied (in this process, or 1 when
+    # a checkpoint says the run had updated), whether a clip ever read this parameter's gradient
+    # (both saved in checkpoints), and whether the step's backward skipped the statistics
+    # (sum(G^2), max|G|) that clip_grad_norm_ needs.
     steps_here: int = 0
     clip_seen: bool = False
     no_stats: bool = False
