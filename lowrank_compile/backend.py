@@ -580,8 +580,8 @@ def _inner_compile(
         return _compat.compile_fx_inner(gm, example_inputs, **kwargs)
     # Variants whose slots differ from the steady ones; each is compiled on its first use.
     names = ["steady"]
+    projected = [(i, st) for i, st in slots.items() if st.proj is not None]
     for name in ("refresh", "lean"):
-        projected = [(i, st) for i, st in slots.items() if st.proj is not None]
         if any(_slot(i, st, name) != _slot(i, st, "steady") for i, st in projected):
             names.append(name)
     num_placeholders = len(example_inputs)

@@ -18,6 +18,17 @@ def wide_mlp(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(24, 512), nn.GELU(), nn.Linear(512, 64), nn.GELU(), nn.Linear(64, 10))
 
 
+def mlp40(seed: int = 0) -> nn.Module:
+    """Two matrices the defaults project (64x40, 48x64 at min_dim 32) and a full-rank output layer (40x48)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(40, 64), nn.GELU(), nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 40))
+
+
+def mlp40_batch(i: int, base: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(base + i)
+    return torch.randn(16, 40, generator=g), torch.randint(0, 40, (16,), generator=g)
+
+
 def mlp_batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + i)
     return torch.randn(12, 24, generator=g), torch.randint(0, 10, (12,), generator=g)

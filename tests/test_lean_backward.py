@@ -13,8 +13,9 @@ import copy
 
 import pytest
 import torch
+from models import mlp40
+from models import mlp40_batch
 from models import mlp_loss
-from torch import nn
 
 import lowrank_compile
 from lowrank_compile import LowRankOptionError
@@ -46,15 +47,8 @@ def test_project_factors_is_projecting_the_product(dtype, atol, rtol, left, tran
     torch.testing.assert_close(got.double(), ref, atol=atol, rtol=rtol)
 
 
-def _mlp() -> nn.Module:
-    # Two projected matrices (64x40, 48x64; rank 8) and a taken-over full-rank output layer.
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(40, 64), nn.GELU(), nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 40))
-
-
 def _batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(700 + i)
-    return torch.randn(16, 40, generator=g), torch.randint(0, 40, (16,), generator=g)
+    return mlp40_batch(i, base=700)
 
 
 def _variant_calls() -> dict[str, int]:
@@ -70,7 +64,7 @@ def _run(options, steps, clip_at=(), on_clip=None):
     """Train `steps` steps; clip_grad_norm_(1.0) before opt.step() at the steps in `clip_at`."""
     lowrank_compile.reset()
     torch._dynamo.reset()
-    model = _mlp()
+    model = mlp40()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
 
     @torch.compile(backend="lowrank", options={"rank": 8, "update_gap": 3, "min_dim": 32, **options})
@@ -149,7 +143,7 @@ def test_clip_after_lean_steps_raises_then_recovers() -> None:
     # nothing scaled. From step 4 on the statistics are back and the clip reads the exact norm.
     lowrank_compile.reset()
     torch._dynamo.reset()
-    model = _mlp()
+    model = mlp40()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
 
     @torch.compile(backend="lowrank", options={"rank": 8, "update_gap": 10, "min_dim": 32})

@@ -14,6 +14,8 @@ import torch
 from models import llama
 from models import llama_batch
 from models import llama_loss
+from models import mlp40
+from models import mlp40_batch
 from models import mlp_loss
 from torch import nn
 
@@ -22,17 +24,6 @@ from lowrank_compile import LowRankOptionError
 from lowrank_compile.plan import Kind
 from lowrank_compile.runtime import update_op
 from lowrank_compile.runtime.state import lookup
-
-
-def _mlp() -> nn.Module:
-    # Two projected matrices (64x40, 48x64) and a taken-over full-rank output layer (40x48).
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(40, 64), nn.GELU(), nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 40))
-
-
-def _mlp_batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(500 + i)
-    return torch.randn(16, 40, generator=g), torch.randint(0, 40, (16,), generator=g)
 
 
 def _optimizer(name: str, params):
@@ -89,9 +80,9 @@ def _check_fired(model: nn.Module, moved: list[set[str]], steps: int) -> None:
 def test_same_update_as_the_default_path(opt_name: str) -> None:
     # update_gap=2 with 5 steps: refresh steps (the svd refresh variant) and steady ones.
     base = {"rank": 8, "update_gap": 2, "min_dim": 32}
-    ref, _ = _train(_mlp, _mlp_batch, mlp_loss, opt_name, base, 5)
+    ref, _ = _train(mlp40, mlp40_batch, mlp_loss, opt_name, base, 5)
     update_op.CALLS.clear()
-    got, moved = _train(_mlp, _mlp_batch, mlp_loss, opt_name, {**base, "update_in_backward": True}, 5)
+    got, moved = _train(mlp40, mlp40_batch, mlp_loss, opt_name, {**base, "update_in_backward": True}, 5)
     kinds = {lookup(p).plan.kind for p in got.parameters() if lookup(p) is not None}
     assert kinds == {Kind.PROJECTED, Kind.FULL}
     _check_fired(got, moved, 5)
@@ -114,7 +105,7 @@ def test_llama_embedding_and_head_updated_in_backward(projector: str) -> None:
 
 def _compiled():
     """A compiled MLP with update_in_backward, after one full step (Inductor's FX cache shares the graphs)."""
-    model = _mlp()
+    model = mlp40()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
 
     @torch.compile(backend="lowrank", options={"rank": 8, "update_in_backward": True})
@@ -123,7 +114,7 @@ def _compiled():
         loss.backward()
         return loss
 
-    fwd_bwd(_mlp_batch(0))
+    fwd_bwd(mlp40_batch(0))
     opt.step()
     opt.zero_grad()
     assert update_op.CALLS["0.weight"] >= 1  # the op ran: the error tests below test a live binding
@@ -132,10 +123,10 @@ def _compiled():
 
 def test_second_backward_before_step_raises() -> None:
     model, opt, fwd_bwd = _compiled()
-    fwd_bwd(_mlp_batch(1))
+    fwd_bwd(mlp40_batch(1))
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(LowRankOptionError, match="update_in_backward.*second gradient"):
-        fwd_bwd(_mlp_batch(2))
+        fwd_bwd(mlp40_batch(2))
     # Refused before the graph ran: no parameter saw a second update.
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -143,7 +134,7 @@ def test_second_backward_before_step_raises() -> None:
 @pytest.mark.parametrize("clip", ["clip_grad_norm_", "clip_grad_value_"])
 def test_clipping_between_backward_and_step_raises(clip: str) -> None:
     model, opt, fwd_bwd = _compiled()
-    fwd_bwd(_mlp_batch(3))
+    fwd_bwd(mlp40_batch(3))
     with pytest.raises(LowRankOptionError, match="update_in_backward"):
         getattr(torch.nn.utils, clip)(model.parameters(), 1.0)
 
@@ -155,14 +146,14 @@ def test_grad_scaler_unscale_raises() -> None:
     scaler = torch.amp.GradScaler("cpu")
     assert scaler.is_enabled()
     scaler.scale(torch.ones(()))  # makes the scale, as scaling the loss would
-    fwd_bwd(_mlp_batch(4))
+    fwd_bwd(mlp40_batch(4))
     with pytest.raises(LowRankOptionError, match="update_in_backward.*GradScaler"):
         scaler.unscale_(opt)
 
 
 def test_grad_scaler_refused_before_the_first_update() -> None:
     # A scaler that exists before the first backward is found before any parameter moves.
-    model = _mlp()
+    model = mlp40()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scaler = torch.amp.GradScaler("cpu")
     before = [p.detach().clone() for p in model.parameters()]
@@ -172,7 +163,7 @@ def test_grad_scaler_refused_before_the_first_update() -> None:
         scaler.scale(mlp_loss(model, b)).backward()
 
     with pytest.raises(LowRankOptionError, match="update_in_backward.*GradScaler"):
-        fwd_bwd(_mlp_batch(0))
+        fwd_bwd(mlp40_batch(0))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     del opt
 

@@ -484,7 +484,7 @@ class ConsumeGradients(GraphPass):
             anc = [anchor] if anchor is not None else []
             anchors[slot.output_index] = [placeholders.index(a) for a in anc]
             token = placeholder(slot, "token", (), torch.int64, torch.device("cpu"))
-            factors = None
+            head = [grad]  # what the consumer reads of the gradient: G, or its factors A and B
             if slot.mode == "full":
                 last = _inline(graph, grad, update_full, [grad, token, *anc], fake_mode)
             else:
@@ -513,17 +513,19 @@ class ConsumeGradients(GraphPass):
                     ins = list(pins)
                     if slot.mode == "sketch":
                         ins.append(placeholder(slot, "omega", (e, slot.sketch_k), dt, dev))
-                    fn = functools.partial(
-                        update_project,
-                        get_p=get_p,
-                        n_p=len(pins),
-                        left=left,
-                        sketch=slot.mode == "sketch",
-                        acc_dtype=acc_dt,
-                    )
                     factors = direct(slot, grad)
-                    if factors is not None:
+                    if factors is None:
+                        fn = functools.partial(
+                            update_project,
+                            get_p=get_p,
+                            n_p=len(pins),
+                            left=left,
+                            sketch=slot.mode == "sketch",
+                            acc_dtype=acc_dt,
+                        )
+                    else:
                         a, b, transposed = factors
+                        head = [a, b]
                         fn = functools.partial(
                             update_project_factors,
                             get_p=get_p,
@@ -532,9 +534,7 @@ class ConsumeGradients(GraphPass):
                             transposed=transposed,
                             acc_dtype=acc_dt,
                         )
-                        last = _inline(graph, grad, fn, [a, b, token, *ins, *anc], fake_mode)
-                if factors is None:
-                    last = _inline(graph, grad, fn, [grad, token, *ins, *anc], fake_mode)
+                last = _inline(graph, grad, fn, [*head, token, *ins, *anc], fake_mode)
             # After the last node that reads the parameter, directly or through views of it: its
             # update must not change what they read.
             aliases, todo = set(anc), list(anc)

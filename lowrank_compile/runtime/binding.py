@@ -712,7 +712,7 @@ class OptimizerBinding:
             shapes = tuple(tuple(a.shape) for a in piece if isinstance(a, torch.Tensor))
             self._fn((sig, shapes))(sig, *piece)
         it.st.rounds += 1
-        it.st.steps_here += 1
+        it.st.stepped = True
 
     def _call(self, it: _Item) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         """The `sig` of item `it` and the tensors `_update_one` takes for it."""

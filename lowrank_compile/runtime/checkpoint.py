@@ -105,7 +105,7 @@ def export(st: Any) -> dict[str, Any] | None:
         "rounds": int(st.rounds),
         # clip_stats="auto": 2 = a clip has read this gradient, 1 = updated with no clip yet, 0 = not
         # updated. A resumed run picks the backward variant the uninterrupted one would (bit for bit).
-        "clip": 2 if st.clip_seen else int(st.steps_here > 0),
+        "clip": 2 if st.clip_seen else int(st.stepped),
     }
     if st.proj is not None:
         pj = st.proj
@@ -185,7 +185,7 @@ def restore(st: Any, entry: Any) -> None:
         st.rounds = int(low.get("rounds", 0))
         clip = int(low.get("clip", 0))
         st.clip_seen = clip == 2
-        st.steps_here = int(clip > 0)
+        st.stepped = clip > 0
         if low["projected"]:
             side, rank, method = _SIDES[int(low["side"])], int(low["rank"]), _METHODS[int(low["method"])]
             stored = _dec(low["projector"], dev)
@@ -285,7 +285,7 @@ def forget(st: Any) -> None:
     st.ostate = None
     st.pending_state = None
     st.pending_first = True
-    st.steps_here = 0  # a fresh state's first step keeps the clip statistics, as a fresh run's does
+    st.stepped = False  # a fresh state's first step keeps the clip statistics, as a fresh run's does
     if st.proj is not None:
         pj = st.proj
         pj.has_p = False

@@ -99,8 +99,11 @@ def _split(parameters: Any) -> tuple[list[torch.Tensor], list[Any]]:
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     states = []
     bindings = {}
+    taken = []
     for p in params:
         st = lookup(p)
+        if st is not None:
+            taken.append(st)
         if st is not None and st.binding is not None:
             bindings[id(st.binding)] = st.binding
             if st.config.update_in_backward:
@@ -112,10 +115,8 @@ def _split(parameters: Any) -> tuple[list[torch.Tensor], list[Any]]:
                     "could see its gradient. Accepted with clip_grad_norm_/clip_grad_value_: "
                     "update_in_backward=False"
                 )
-    for p in params:
-        st = lookup(p)
-        if st is not None:
-            st.clip_seen = True  # clip_stats="auto": its backward keeps the statistics from now on
+    for st in taken:
+        st.clip_seen = True  # clip_stats="auto": its backward keeps the statistics from now on
     for b in bindings.values():
         b.fold_stray_grads()  # an eager backward may have left .grad on planned parameters
     for p in params:

@@ -211,17 +211,16 @@ class ParamState:
     # backward already updated the parameter since the last opt.step().
     token: int = 0
     done: bool = False
-    # clip_stats="auto" (backend.py's "lean" variant): updates applied (in this process, or 1 when
-    # a checkpoint says the run had updated), whether a clip ever read this parameter's gradient
-    # (both saved in checkpoints), and whether the step's backward skipped the statistics
-    # (sum(G^2), max|G|) that clip_grad_norm_ needs.
-    steps_here: int = 0
+    # clip_stats="auto" (backend.py's "lean" variant): whether the parameter has been updated,
+    # whether a clip ever read its gradient (both saved in checkpoints), and whether the step's
+    # backward skipped the statistics (sum(G^2), max|G|) that clip_grad_norm_ needs.
+    stepped: bool = False
     clip_seen: bool = False
     no_stats: bool = False
 
     def lean_ok(self) -> bool:
         """True when this parameter's backward may skip the statistics clip_grad_norm_ reads."""
-        return self.config.clip_stats == "auto" and self.steps_here >= 1 and not self.clip_seen
+        return self.config.clip_stats == "auto" and self.stepped and not self.clip_seen
 
     def contributions(self) -> int:
         """How many gradients the buffers sum (backward calls, times ranks once reduced)."""
