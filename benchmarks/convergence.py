@@ -1,10 +1,15 @@
 """Convergence side by side: eager AdamW, galore_torch's GaLoreAdamW, and lowrank (defaults).
 
     python benchmarks/convergence.py [--steps 200 --layers 4 --hidden 128 --lr 3e-3] [--out DIR] [--record]
-        [--runs eager_adamw,galore_torch,lowrank,lowrank_sparse,lowrank_projector_bits4,...]
+        [--runs eager_adamw,galore_torch,lowrank,lowrank_sparse,lowrank_projector_bits4,lowrank_fira,...]
 
-`lowrank_<projector>` runs the defaults with options={"projector": <projector>}, and
-`lowrank_projector_bits<b>` with options={"projector_bits": <b>}.
+`lowrank_<projector>` runs the defaults with options={"projector": <projector>},
+`lowrank_projector_bits<b>` with options={"projector_bits": <b>}, and `lowrank_<method>`
+(fira, frugal, apollo, apollo-mini) with options={"method": <method>} and that method's defaults.
+`--runs methods` is every method beside eager AdamW and GaLore. The table gives the optimizer
+states each run holds after its last step (torch.optim's plus the backend's, 8-bit at their
+stored size) and the median step time after the first 10 steps (compilation excluded; runs are
+sequential, so on a shared machine only large differences mean anything).
 
 The model and corpus are the demo's: a LlamaForCausalLM built from a config, trained on
 Python's stdlib sources. Every run starts from the same weights and sees the same batches and
@@ -85,7 +90,9 @@ def run(name, base, train, val, args):
         # "lowrank_projector_bits<b>" only how it is stored.
         suffix = name.split("_", 1)[1] if "_" in name else ""
         options: dict = {}
-        if suffix.startswith("projector_bits"):
+        if suffix in lowrank_compile.config.METHODS:
+            options["method"] = suffix
+        elif suffix.startswith("projector_bits"):
             options["projector_bits"] = int(suffix.removeprefix("projector_bits"))
         elif suffix:
             options["projector"] = suffix
@@ -101,13 +108,19 @@ def run(name, base, train, val, args):
 
     it = batches(train, args.batch, args.seq, 0)
     rows = []
+    times = []
     t0 = time.perf_counter()
     for i in range(args.steps):
-        loss = fn(next(it)).item()
+        ids = next(it)
+        ts = time.perf_counter()
+        loss = fn(ids).item()
+        times.append(time.perf_counter() - ts)
         sched.step()
         v = evaluate() if (i + 1) % args.eval_every == 0 or i + 1 == args.steps else None
         rows.append({"step": i + 1, "run": name, "train_loss": loss, "val_loss": v})
-    return rows, time.perf_counter() - t0
+    state = lowrank_compile.optimizer_state_bytes(opt)["total"]
+    steady = sorted(times[10:]) or times
+    return rows, time.perf_counter() - t0, state, 1e3 * steady[len(steady) // 2]
 
 
 def main(argv=None):
@@ -128,12 +141,15 @@ def main(argv=None):
     base = build_model(args.layers, args.hidden, args.seq)
     n = sum(p.numel() for p in base.parameters())
     all_rows, summary = [], []
-    for name in args.runs.split(","):
-        rows, secs = run(name, base, train, val, args)
+    names = args.runs.split(",")
+    if names == ["methods"]:
+        names = ["eager_adamw", "lowrank"] + [f"lowrank_{m}" for m in lowrank_compile.config.METHODS[1:]]
+    for name in names:
+        rows, secs, state, step_ms = run(name, base, train, val, args)
         all_rows += rows
         last = rows[-1]
         train_tail = sum(r["train_loss"] for r in rows[-20:]) / min(20, len(rows))
-        summary.append((name, rows[0]["train_loss"], train_tail, last["val_loss"], secs))
+        summary.append((name, rows[0]["train_loss"], train_tail, last["val_loss"], secs, state, step_ms))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "convergence.csv", "w", newline="") as f:
@@ -167,12 +183,15 @@ def main(argv=None):
         f"model: LlamaForCausalLM {n / 1e6:.2f}M params ({args.layers} layers, hidden {args.hidden}), "
         f"batch {args.batch}x{args.seq}, {args.steps} steps, lr {args.lr} warmup+cosine, AdamW wd 0.1",
         "",
-        "| run | first train loss | train loss (last 20) | final val loss | vs eager val | wall s |",
-        "|---|---|---|---|---|---|",
+        "| run | first train loss | train loss (last 20) | final val loss | vs eager val | optimizer state B "
+        "| step ms (median) | wall s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, first, tail, vl, secs in summary:
+    for name, first, tail, vl, secs, state, step_ms in summary:
         rel = f"{100.0 * (vl - eager_val) / eager_val:+.1f}%" if eager_val else "-"
-        lines.append(f"| {name} | {first:.3f} | {tail:.3f} | {vl:.3f} | {rel} | {secs:.0f} |")
+        lines.append(
+            f"| {name} | {first:.3f} | {tail:.3f} | {vl:.3f} | {rel} | {state} | {step_ms:.1f} | {secs:.0f} |"
+        )
     table = "\n".join(lines)
     print(table)
     print(f"wrote {out / 'convergence.csv'} and {out / 'convergence.png'}")

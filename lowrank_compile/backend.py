@@ -299,7 +299,14 @@ class LowRankBackend:
                 )
                 for i, p in new
             ]
-            plan = make_plan(infos, self.config)
+            try:
+                plan = make_plan(infos, self.config)
+            except (
+                LowRankOptionError
+            ) as err:  # a method the optimizer does not fit (plan._method_state_bytes)
+                from lowrank_compile import _compat
+
+                raise _compat.unwrapped_by_dynamo(err) from None
             self._warn_unsure_outputs(plan.params, unsure)
             if self.config.update_in_backward:
                 self._refuse_ddp(new, plan.params, owners)
@@ -515,7 +522,7 @@ def _slot(i: int, st: ParamState, variant: str) -> Any:
     up = st.config.update_in_backward
     if pj is None:
         return GradSlot(i, "full", update=up)
-    if st.config.grad_accumulation == "full":
+    if st.config.keeps_full_gradient:  # grad_accumulation="full", or a method that reads G
         return GradSlot(i, "full", update=up)
     dct = pj.method == "dct"
     ck = 0 if up else st.clip_k()  # clipping cannot follow an update made inside the backward

@@ -204,6 +204,7 @@ def inspect_report(steps_run: int, timeline: dict[str, Any] | None = None) -> di
                 "name": p.name,
                 "shape": list(p.shape),
                 "kind": p.kind.value,
+                "method": p.method,
                 "rank": p.rank,
                 "optimizer": p.optimizer,
                 "group": p.group,
@@ -379,13 +380,14 @@ def html_report(rep: dict[str, Any], png: bytes | None) -> str:
     else:
         parts.append("<p>none</p>")
     parts.append(
-        "<h2>Per-parameter plan</h2><table><tr><th>name</th><th>shape</th><th>kind</th><th>rank</th>"
-        "<th>state bytes</th><th>eager AdamW-style bytes</th><th>reason</th></tr>"
+        "<h2>Per-parameter plan</h2><table><tr><th>name</th><th>shape</th><th>kind</th><th>method</th>"
+        "<th>rank</th><th>state bytes</th><th>eager AdamW-style bytes</th><th>reason</th></tr>"
     )
     for p in rep["plan"]:
         parts.append(
             f"<tr><td>{esc(p['name'])}</td><td>{'x'.join(map(str, p['shape']))}</td><td>{p['kind']}</td>"
-            f"<td>{p['rank'] if p['rank'] is not None else '-'}</td><td>{p['state_bytes']}</td>"
+            f"<td>{p.get('method') or '-'}</td><td>{p['rank'] if p['rank'] is not None else '-'}</td>"
+            f"<td>{p['state_bytes']}</td>"
             f"<td>{p['eager_state_bytes']}</td><td>{esc(p['reason'])}</td></tr>"
         )
     parts.append("</table><h2>Memory plan</h2><table><tr><th>category</th><th>bytes</th></tr>")

@@ -38,21 +38,74 @@ PROJECTOR_BITS = (32, 16, 8, 4)  # runtime/projector_quant.py
 GRAD_ACCUMULATION = ("projected", "full")
 CLIP_STATS = ("auto", "always")  # backend.py: the "lean" backward variant
 SVD_SIGNS = ("canonical", "lapack")  # runtime/projector.py: svd_projector's `signs`
+# One file each under lowrank_compile/methods/ (the registry there must list the same names).
+METHODS = ("galore", "fira", "frugal", "apollo", "apollo-mini", "gradnorm")
+FRUGAL_FREE_RULES = ("signsgd", "sgd")
+# Per method: the defaults of the options it reads differently from GaLore (None in a field = this).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "galore": {"rank": 0.25, "scale": 0.25, "projector": "svd"},
+    "fira": {"rank": 0.25, "scale": 0.25, "projector": "svd", "norm_growth_limit": 1.01},
+    "frugal": {
+        "rank": 0.25,
+        "scale": 1.0,
+        "projector": "svd",
+        "frugal_free_scale": 1.0,
+        "frugal_free_rule": "signsgd",
+    },
+    "apollo": {"rank": 0.25, "scale": 1.0, "projector": "gaussian", "norm_growth_limit": 1.01},
+    "apollo-mini": {"rank": 1, "scale": math.sqrt(128), "projector": "gaussian", "norm_growth_limit": 1.01},
+    "gradnorm": {"rank": 0.25, "scale": 0.25, "projector": "svd"},
+}
+# Method hyper-parameters: the methods that read each (given with another method: an error).
+METHOD_OPTIONS = {
+    "norm_growth_limit": ("fira", "apollo", "apollo-mini"),
+    "frugal_free_scale": ("frugal",),
+    "frugal_free_rule": ("frugal",),
+}
 
 # One line per option: (accepted values, meaning). The README table and `lowrank-compile options`
 # are generated from this, so the three never disagree.
 OPTION_DOCS: dict[str, tuple[str, str]] = {
+    "method": (
+        " | ".join(METHODS),
+        "what is done with the projected gradient (README: Methods): GaLore (Adam on R, update "
+        "back-projected); Fira (plus the residual G - P R scaled per column by ||N||/||R||, norm-growth "
+        "limited); FRUGAL (plus signSGD on the residual); APOLLO (Adam on a random projection only sets "
+        "per-column scales of the raw G); APOLLO-Mini (one scale per matrix, rank 1); GradNormLoRP (per-row "
+        "magnitudes with the full rule, the direction's gradient projected). Methods other than galore "
+        "need Adam or AdamW",
+    ),
     "rank": (
         "int >= 1, float in (0, 1], or None",
         "projection rank of GaLore matrices: absolute, or a fraction of the short side; "
-        "None = no projection (every taken-over parameter keeps full-rank states)",
+        "None = no projection (every taken-over parameter keeps full-rank states); "
+        "default 0.25, apollo-mini 1",
     ),
     "update_gap": ("int >= 1", "steps between projector refreshes (refresh at steps 0, T, 2T, ...)"),
-    "scale": ("finite float > 0", "GaLore's alpha: the projected update is multiplied by it"),
+    "scale": (
+        "finite float > 0",
+        "the method's alpha: GaLore's, Fira's and FRUGAL's back-projected update, APOLLO's scaled gradient "
+        "are multiplied by it; default galore/fira 0.25, frugal/apollo 1, apollo-mini sqrt(128)",
+    ),
+    "norm_growth_limit": (
+        "finite float >= 1 (fira, apollo, apollo-mini)",
+        "Fira's and APOLLO's gamma: a full-size update whose norm grew by more than this factor since the "
+        "previous step is scaled back to gamma times the previous norm; default 1.01",
+    ),
+    "frugal_free_scale": (
+        "finite float >= 0 (frugal)",
+        "FRUGAL's lambda_free: the state-free update of the residual G - P R is lr times this; default 1.0 "
+        "(the paper's pre-training value; 0.1 for fine-tuning)",
+    ),
+    "frugal_free_rule": (
+        " | ".join(FRUGAL_FREE_RULES) + " (frugal)",
+        "FRUGAL's state-free optimizer on the residual: signSGD (sign of the residual) or SGD (the residual)",
+    ),
     "proj_type": (" | ".join(PROJ_TYPES), "which side of the matrix is projected (std keeps the long side)"),
     "projector": (
         " | ".join(PROJECTORS),
-        "how the projector is refreshed: exact SVD of the gradient; single-pass randomized SVD "
+        "default svd (apollo, apollo-mini: gaussian). How the projector is refreshed: exact SVD of the "
+        "gradient; single-pass randomized SVD "
         "(no full gradient kept under accumulation); the best-aligned columns of a shared DCT basis; or a "
         "seeded random matrix that is regenerated wherever it is needed and never stored: sparse (entries "
         "+-sqrt(s/r) with probability 1/(2s) each, s = sqrt(short side)) or gaussian (approximately "
@@ -131,11 +184,16 @@ OPTION_DOCS: dict[str, tuple[str, str]] = {
 class LowRankConfig:
     """Options of the `lowrank` backend, validated and immutable (see README's options table)."""
 
-    rank: int | float | None = 0.25
+    method: str = "galore"
+    # "auto", None-valued method options: the method's default (METHOD_DEFAULTS), set on construction.
+    rank: int | float | str | None = "auto"
     update_gap: int = 200
-    scale: float = 0.25
+    scale: float = None  # type: ignore[assignment]
+    norm_growth_limit: float | None = None
+    frugal_free_scale: float | None = None
+    frugal_free_rule: str | None = None
     proj_type: str = "std"
-    projector: str = "svd"
+    projector: str = None  # type: ignore[assignment]
     svd_signs: str = "canonical"
     projector_bits: int = 32
     adaptive_gap: bool = False
@@ -153,6 +211,20 @@ class LowRankConfig:
     inductor: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise _fail("method", self.method)
+        for name, methods in METHOD_OPTIONS.items():
+            if getattr(self, name) is not None and self.method not in methods:
+                raise LowRankOptionError(
+                    f"lowrank option {name!r}: got {getattr(self, name)!r} with method={self.method!r}, "
+                    "which "
+                    f"does not read it; accepted with this method: leave it unset (it applies to method="
+                    + " or ".join(repr(m) for m in methods)
+                    + ")"
+                )
+        for name, value in METHOD_DEFAULTS[self.method].items():
+            if getattr(self, name) is None or (name == "rank" and self.rank == "auto"):
+                object.__setattr__(self, name, value)
         _validate(self)
 
     @classmethod
@@ -164,10 +236,23 @@ class LowRankConfig:
         """The integer rank for a matrix of `shape` (None when projection is off)."""
         if self.rank is None:
             return None
+        assert not isinstance(self.rank, str)
         short = min(shape[0], math.prod(shape[1:]))
         if isinstance(self.rank, float):
             return max(1, int(round(self.rank * short)))
         return int(self.rank)
+
+    @property
+    def reads_full_gradient(self) -> bool:
+        """The method's update reads G besides R (Fira, FRUGAL, APOLLO): projected gradients stay full."""
+        from lowrank_compile.methods import make
+
+        return make(self).full_gradient
+
+    @property
+    def keeps_full_gradient(self) -> bool:
+        """The backward accumulates projected parameters' full G (`grad_accumulation="full"`, the method)."""
+        return self.grad_accumulation == "full" or self.reads_full_gradient
 
     def inductor_patches(self) -> dict[str, Any]:
         """The `inductor` option as a dict for `torch._inductor.config.patch`."""
@@ -194,7 +279,7 @@ def _is_int(value: Any) -> bool:
 def _validate(cfg: LowRankConfig) -> None:
     rank = cfg.rank
     if rank is not None:
-        if _is_int(rank):
+        if isinstance(rank, int) and not isinstance(rank, bool):
             if rank < 1:
                 raise _fail("rank", rank)
         elif isinstance(rank, float):
@@ -204,6 +289,14 @@ def _validate(cfg: LowRankConfig) -> None:
             raise _fail("rank", rank)
     if not _is_int(cfg.update_gap) or cfg.update_gap < 1:
         raise _fail("update_gap", cfg.update_gap)
+    for name, low in (("norm_growth_limit", 1.0), ("frugal_free_scale", 0.0)):
+        v = getattr(cfg, name)
+        if v is not None and (
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low
+        ):
+            raise _fail(name, v)
+    if cfg.frugal_free_rule is not None and cfg.frugal_free_rule not in FRUGAL_FREE_RULES:
+        raise _fail("frugal_free_rule", cfg.frugal_free_rule)
     if (
         isinstance(cfg.scale, bool)
         or not isinstance(cfg.scale, (int, float))

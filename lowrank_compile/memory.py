@@ -281,6 +281,8 @@ def estimate(
             if not up or config.projector == "randomized":  # a randomized projector keeps R (warm start)
                 lowrank.gradients += 4 * pp.rank * kept  # the R accumulator
             lowrank.gradient_transient = max(lowrank.gradient_transient, elt * numel)
+            if config.reads_full_gradient and not up:  # Fira/FRUGAL/APOLLO read G at opt.step()
+                lowrank.gradients += elt * numel
             if ("carrier",) not in scratch:  # the rule's parameter's shape carrier: one fp32 element
                 scratch.add(("carrier",))
                 lowrank.buffers += 4
@@ -312,7 +314,8 @@ def _describe(config: LowRankConfig) -> str:
         proj += f", {config.projector_bits}-bit projectors"
     if config.update_in_backward:
         proj += ", update in backward"
-    return f"(rank {rank}, {config.state_bits}-bit{proj})"
+    method = "" if config.method == "galore" else f"{config.method}, "
+    return f"({method}rank {rank}, {config.state_bits}-bit{proj})"
 
 
 def estimate_table(rows: Sequence[MemoryEstimate], title: str = "") -> str:
@@ -357,6 +360,8 @@ def explain(
             continue
         owned = st.owned_bytes()
         est.gradients += owned["gradients"] if st.proj is None else owned["gradients"] - _nbytes(st.proj.full)
+        if st.proj is not None and st.config.reads_full_gradient and not st.config.update_in_backward:
+            est.gradients += math.prod(pp.shape) * p.element_size()  # G, kept from backward to opt.step()
         est.projectors += owned["projectors"]
         est.optimizer_states += pp.state_bytes
         if st.proj is not None or st.config.update_in_backward:

@@ -11,6 +11,7 @@ import fnmatch
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -53,6 +54,7 @@ class ParamPlan:
     eager_state_bytes: int  # what eager torch.optim with the same optimizer would keep
     role: str = "other"  # from roles.param_roles: matmul / output / embedding / conv / other
     side: str | None = None  # projected: "left" (P is m x r) or "right" (P is n x r)
+    method: str | None = None  # projected: the method (lowrank_compile/methods) that updates it
     projector_bytes: int = 0  # projected: bytes of the stored projector
     # True when the user probably expected the backend to take the parameter over (unsupported
     # optimizer or settings, no optimizer found): the backend warns once about these.
@@ -85,12 +87,13 @@ class Plan:
 
     def table(self) -> str:
         """A fixed-width text table, one row per parameter, and a totals line."""
-        header = ("name", "shape", "kind", "rank", "optimizer", "state B", "eager B", "reason")
+        header = ("name", "shape", "kind", "method", "rank", "optimizer", "state B", "eager B", "reason")
         rows = [
             (
                 p.name,
                 "x".join(map(str, p.shape)) or "scalar",
                 str(p.kind),
+                p.method or "-",
                 "-" if p.rank is None else f"{p.rank} {p.side}",
                 "-" if p.optimizer is None else f"{p.optimizer}[{p.group}]",
                 str(p.state_bytes),
@@ -131,6 +134,31 @@ def _state_bytes(numel: int, elt: int, state_bits: int) -> int:
         blocks = -(-numel // BLOCK)
         return blocks * BLOCK + 4 * blocks  # uint8 codes (padded to whole blocks) + fp32 absmax
     return numel * elt
+
+
+def _method_state_bytes(
+    name: str,
+    opt: torch.optim.Optimizer,
+    config: LowRankConfig,
+    shape: tuple[int, ...],
+    side: Any,
+    rule_keys: tuple[tuple[str, bool], ...],
+    dtype: torch.dtype,
+) -> int:
+    """Bytes of the method's own states of a projected parameter (checks the method accepts `opt`)."""
+    from lowrank_compile import methods
+    from lowrank_compile.config import LowRankOptionError
+    from lowrank_compile.runtime.state import compute_dtype
+
+    method = methods.make(config)
+    if method.name != "galore" and type(opt).__name__ not in methods.OPTIMIZERS:
+        raise LowRankOptionError(
+            f"lowrank option 'method': {method.name!r} is defined for {' and '.join(methods.OPTIMIZERS)}; "
+            f"{name} is trained by {type(opt).__name__}; accepted values with this optimizer: 'galore'"
+        )
+    size = torch.empty((), dtype=compute_dtype(dtype)).element_size()
+    own = method.state_shapes((shape[0], shape[1]), side, rule_keys)
+    return sum(math.prod(s.shape) * (8 if s.counter else size) for s in own)
 
 
 def _matches(name: str, globs: Sequence[str]) -> bool:
@@ -179,7 +207,11 @@ def plan_param(info: ParamInfo, config: LowRankConfig) -> ParamPlan:
                             proj = 0  # regenerated from a key
                     # The backend's step counter is float64 (8 B).
                     ours = per * _state_bytes(numel, elt, config.state_bits) + 8 * counter
+                    if kind is Kind.PROJECTED and rank is not None:
+                        keys = (("step", True),) * counter + tuple((f"s{i}", False) for i in range(per))
+                        ours += _method_state_bytes(info.name, opt, config, shape, side, keys, p.dtype)
         return ParamPlan(
+            method=config.method if kind is Kind.PROJECTED else None,
             name=info.name,
             shape=shape,
             dtype=p.dtype,

@@ -68,6 +68,7 @@ def main() -> None:
                 ("projected" if st.proj is not None else "full")
                 + "/"
                 + "+".join(type(v).__name__ for v in st.ostate.values())
+                + "".join(f"+{k}" for k in st.mstate)  # a method's own states (Fira, APOLLO)
             )
     torch.save(
         {

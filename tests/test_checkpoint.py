@@ -58,8 +58,45 @@ def _worker(options: dict, out: Path, mode: str) -> dict:
             {**PROJ8, "projector_bits": 4},
             {"0.weight": "projected/Tensor+QState+QState", "2.weight": "projected/Tensor+QState+QState"},
         ),
+        # The methods (lowrank_compile/methods): their own states resume too (Fira's and APOLLO's
+        # limiter norm); FRUGAL restarts its states at the refreshes after the resume.
+        ({**PROJ8, "method": "fira"}, {"0.weight": "projected/Tensor+QState+QState+fira_residual_norm"}),
+        # ~60 s each: slow (CI time); Fira's and GradNormLoRP's cases run the same method-state paths.
+        pytest.param(
+            {**PROJ8, "method": "frugal"},
+            {"0.weight": "projected/Tensor+QState+QState"},
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            {**PROJ8, "method": "apollo"},
+            {"0.weight": "projected/Tensor+QState+QState+apollo_update_norm"},
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(  # rank 1: 512-value moments stay 32-bit
+            {**PROJ8, "method": "apollo-mini", "rank": 1},
+            {"0.weight": "projected/Tensor+Tensor+Tensor+apollo_update_norm"},
+            marks=pytest.mark.slow,
+        ),
+        (  # the learned magnitudes, ||V|| and the magnitudes' own AdamW states resume
+            {**PROJ8, "method": "gradnorm"},
+            {
+                "0.weight": "projected/Tensor+QState+QState+gradnorm_magnitude+gradnorm_direction_norm"
+                "+gradnorm_step+gradnorm_exp_avg+gradnorm_exp_avg_sq"
+            },
+        ),
     ],
-    ids=["rank-none-fp32", "projected-8bit", "randomized-8bit", "sparse-8bit", "projector-4bit"],
+    ids=[
+        "rank-none-fp32",
+        "projected-8bit",
+        "randomized-8bit",
+        "sparse-8bit",
+        "projector-4bit",
+        "fira-8bit",
+        "frugal-8bit",
+        "apollo-8bit",
+        "apollo-mini",
+        "gradnorm-8bit",
+    ],
 )
 def test_resume_in_a_fresh_process_is_bit_identical(tmp_path, options, kinds):
     full = _worker(options, tmp_path, "full")

@@ -42,6 +42,7 @@ from typing import cast
 import torch
 
 from lowrank_compile.config import LowRankConfig
+from lowrank_compile.methods.base import Update
 from lowrank_compile.optimizers import OptimizerRule
 from lowrank_compile.runtime import checkpoint
 from lowrank_compile.runtime import projector as pm
@@ -130,12 +131,13 @@ def _update_one(
     basis: torch.Tensor | None,
     index: torch.Tensor | None,
     virtual: torch.Tensor | None,
+    full: torch.Tensor | None,
     salt: torch.Tensor,
     *flat: torch.Tensor,
 ) -> None:
     """One parameter's update: its rule on the backend's tensors, states loaded and stored.
 
-    `sig` = (rule, first, projected, side, decay, dct, scale, layout, as_blocks, settles, sr):
+    `sig` = (rule, first, projected, side, decay, dct, scale, layout, as_blocks, settles, sr, method):
     constants Dynamo guards on. `dct` says how the projector arrives: None (the matrix in
     `basis`), "dct" (`basis` and column `index`), "sparse"/"gaussian" (generated here from the
     key in `basis`, runtime/projector.py), or "q16"/"q8"/"q4" (codes in `basis`, group scales in
@@ -152,8 +154,12 @@ def _update_one(
     the parameter's update counter (with the piece's first element index when the update runs
     in pieces, `_pieces`): it seeds the stochastic rounding of the 8-bit settle rule
     (runtime/quant.py) and, with `sr` (bf16 weights, `stochastic_rounding=True`), of the weight.
+    `method` (projected parameters; lowrank_compile/methods) turns the rule's output into the
+    change of W; its own states are the last tensors of `flat`, and `full` is G when it reads it.
     """
-    rule, first, projected, side, decay, dct, scale, layout, as_blocks, settles, sr = sig
+    rule, first, projected, side, decay, dct, scale, layout, as_blocks, settles, sr, method, nm = sig
+    mstates = list(flat[len(flat) - nm :])
+    flat = flat[: len(flat) - nm]
     stores = _stores(layout, flat)
     lr = lr1.view(())
     wd = wd1.view(())
@@ -179,6 +185,14 @@ def _update_one(
         target = torch.zeros_like(virtual)
         if decay in ("l2", "l2-max"):
             grad = grad + (sign * wd) * pm.project(w, pmat, side).to(grad.dtype)
+            if full is not None:
+                full = full + (sign * wd) * w.to(full.dtype)
+        cdt_w = compute_dtype(w.dtype)
+        g_full = full.to(cdt_w) if full is not None else None
+        # What the rule steps on: R, or what the method makes of G (GradNormLoRP's direction).
+        grad = method.rule_input(g_full, grad.to(cdt_w), w.to(cdt_w), pmat, side, mstates)
+        if not method.rule_lr:  # the method applies lr itself: the rule leaves -N
+            lr = torch.ones_like(lr)
     else:
         target = w
     shape = (-1, quant.BLOCK) if as_blocks else (-1,)
@@ -211,19 +225,43 @@ def _update_one(
     if p.dtype != target.dtype:
         # A full-rank bf16 weight is `target` itself: its one rounding is the stochastic one.
         target.view(shape).copy_(quant.stochastic_round_bf16(p, salt) if sr and not projected else p)
+    if projected:
+        lr = lr1.view(())
+        keep = 1 - lr * wd if decay == "decoupled" else torch.ones_like(lr)
+        specs = rule.specs
+
+        def rule_step(q: torch.Tensor, qg: torch.Tensor, qstates: list[torch.Tensor]) -> None:
+            views = [t.view(()) if spec.scalar else t for t, spec in zip(qstates, specs)]
+            rule.step(q, qg, lr, *hv, *views)
+
+        # GaLore reads v as stored (its bf16 rounding included, as before the methods existed);
+        # the others read the rule's compute-dtype output.
+        out = target if method.rule_lr else p.view(target.shape)
+        u = Update(
+            g_full,
+            grad,
+            out,
+            w.to(cdt_w),
+            pmat,
+            side,
+            lr,
+            keep,
+            scale,
+            mstates,
+            torch.float32 if sr else w.dtype,
+            rule_step,
+        )
+        change = method.delta(u)
     if projected and sr:
-        # The decay and the back-projection in fp32, then one stochastic rounding to bf16.
+        # The decay and the change in fp32, then one stochastic rounding to bf16.
         new = w.float()
         if decay == "decoupled":
             new = new * (1 - lr * wd)
-        new = new + pm.project_back((target * scale).float(), pmat.float(), side)
-        w.copy_(quant.stochastic_round_bf16(new, salt))
+        w.copy_(quant.stochastic_round_bf16(new + change, salt))
     elif projected:
         if decay == "decoupled":
             w.mul_(1 - lr * wd)
-        # Scale the small R-shaped tensor, not through `alpha`: Inductor's add(mm) <-> addmm
-        # rewrites drop alpha (pytorch/pytorch#167313, open on 2.13; measured here).
-        w.add_(pm.project_back((target * scale).to(w.dtype), pmat, side))
+        w.add_(change)
 
 
 # A full-rank update of more values than this runs in pieces of at most this many (whole 8-bit
@@ -247,8 +285,8 @@ def _pieces(
     would for the whole tensor.
     """
     layout, as_blocks = sig[7], sig[8]
-    w, grad, lr, wd, hps, basis, index, virtual, salt = args[:9]
-    flat = args[9:]
+    w, grad, lr, wd, hps, basis, index, virtual, full, salt = args[:10]
+    flat = args[10:]
     n = w.numel()
     if sig[2] or not as_blocks or n <= PIECE or not w.is_contiguous():
         return [args], None
@@ -274,7 +312,7 @@ def _pieces(
             else:
                 pieces.append(store[0].view(-1)[a:z])
         psalt = torch.stack([salt.view(-1)[0], salt.new_tensor(a).view(())])
-        out.append((wf[a:z], gf[a:z], lr, wd, hps, basis, index, virtual, psalt, *pieces))
+        out.append((wf[a:z], gf[a:z], lr, wd, hps, basis, index, virtual, full, psalt, *pieces))
     return out, lambda: [c[0].copy_(v) for c, v in zip(counters, saved)]
 
 
@@ -318,6 +356,9 @@ class OptimizerBinding:
         self._opt_ref = weakref.ref(opt)
         self.rule = rule
         self.config = config
+        from lowrank_compile import methods
+
+        self.method = methods.make(config)
         self.backend = backend  # the LowRankBackend whose graphs feed this optimizer
         self._nparams = sum(len(g["params"]) for g in opt.param_groups)
         self.states: list[ParamState] = []
@@ -519,6 +560,8 @@ class OptimizerBinding:
                     it.first = False
                     if it.st.proj is not None:
                         refresh.after_update(it.st)
+                        if self.method.full_gradient:
+                            it.st.proj.full = None  # read by the method's update, not needed after it
                     if self.config.update_in_backward:
                         it.st.release_accumulators()
         self._finish_step()
@@ -633,6 +676,7 @@ class OptimizerBinding:
         """
         if st.ostate is None or list(st.ostate) != [s.key for s in rule.specs]:
             self._make_storage(st, rule)
+        checkpoint.store_pending_method(st)
         return checkpoint.store_pending(st, rule.specs)
 
     def _make_storage(self, st: ParamState, rule: Rule) -> None:
@@ -661,6 +705,12 @@ class OptimizerBinding:
                 )
             else:
                 st.ostate[spec.key] = torch.zeros(target.shape, dtype=cdt, device=target.device)
+        st.mstate = {}
+        if st.proj is not None:
+            keys = tuple((spec.key, spec.scalar) for spec in rule.specs)
+            for key, shape, counter in self.method.state_shapes(st.proj.shape, st.proj.side, keys):
+                dt = torch.float64 if counter else cdt
+                st.mstate[key] = torch.zeros(shape, dtype=dt, device=target.device)
 
     def _build(self) -> None:
         opt = self.opt
@@ -669,6 +719,26 @@ class OptimizerBinding:
         self._items = []
         for st in sorted(self.states, key=lambda s: (s.group, order.get(id(s.param), 0))):
             rule = self._rule_for(st)
+            if (
+                st.proj is not None
+                and self.method.name != "galore"
+                and opt.param_groups[st.group].get("maximize")
+            ):
+                from lowrank_compile.config import LowRankOptionError
+
+                raise LowRankOptionError(
+                    f"lowrank option 'method': {self.method.name!r} applies G itself (not only the rule's "
+                    f"output), which maximize=True would have to negate; {st.plan.name}'s param group sets "
+                    "maximize=True; accepted values with maximize=True: 'galore'"
+                )
+            if st.proj is not None and self.method.name != "galore" and not rule.zero_init:
+                from lowrank_compile.config import LowRankOptionError
+
+                raise LowRankOptionError(
+                    f"lowrank option 'method': {self.method.name!r} needs an update rule that starts from "
+                    f"zero states (Adam, AdamW); {type(opt).__name__}'s settings for {st.plan.name} do not; "
+                    "accepted values with this optimizer: 'galore'"
+                )
             restored = self._allocate(st, rule)
             # float64 keeps lr and 1 - lr * wd as exact as eager's Python floats; shape (1,) for the
             # reason given in `_allocate`.
@@ -778,19 +848,41 @@ class OptimizerBinding:
                 as_blocks,
                 settles,
                 sr,
+                None,
+                0,
             )
-            return sig, (st.view, grad, it.lr, it.wd_t, hps, None, None, None, salt, *flat)
+            return sig, (st.view, grad, it.lr, it.wd_t, hps, None, None, None, None, salt, *flat)
         # How the projector arrives: a matrix (None), dct (basis + indices) or seeded (its key).
         dct = "dct" if pj.basis is not None else pj.method if pj.seeded else None
         if pj.pcodes is not None:
             dct = f"q{pj.pbits}"
         # A projected L2 decay adds wd * proj(W) before the settle mask is taken: always settle.
         settles = signed_q and (decay in ("l2", "l2-max") or settles_for(pj.r_acc))
-        sig = (it.rule, it.first, True, pj.side, decay, dct, scale, layout, as_blocks, settles, sr)
+        method = self.method
+        nm = len(st.mstate)
+        sig = (
+            it.rule,
+            it.first,
+            True,
+            pj.side,
+            decay,
+            dct,
+            scale,
+            layout,
+            as_blocks,
+            settles,
+            sr,
+            method,
+            nm,
+        )
+        full = pj.full if method.full_gradient else None
+        if method.full_gradient and full is None:
+            raise RuntimeError(f"lowrank: {st.plan.name}: method {method.name!r} found no full gradient")
+        flat += list(st.mstate.values())  # in `state_shapes` order
         basis, index = (pj.basis, pj.index) if dct == "dct" else (pj.key, None) if dct else (pj.p, None)
         if pj.pcodes is not None:
             basis, index = pj.pcodes, pj.pqparams
-        return sig, (st.view, pj.r_acc, it.lr, it.wd_t, hps, basis, index, pj.virtual, salt, *flat)
+        return sig, (st.view, pj.r_acc, it.lr, it.wd_t, hps, basis, index, pj.virtual, full, salt, *flat)
 
     def _fn(self, key: tuple[Any, ...]) -> Callable[..., Any]:
         assert self._compiled is not None
@@ -857,4 +949,5 @@ class OptimizerBinding:
         for st in self.states:
             for v in (st.ostate or {}).values():
                 total += v.nbytes() if isinstance(v, quant.QState) else v.numel() * v.element_size()
+            total += sum(v.numel() * v.element_size() for v in st.mstate.values())
         return total

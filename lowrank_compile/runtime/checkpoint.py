@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from lowrank_compile.config import METHODS
 from lowrank_compile.config import SEEDED_PROJECTORS
 from lowrank_compile.runtime import projector as pm
 from lowrank_compile.runtime import quant
@@ -107,6 +108,9 @@ def export(st: Any) -> dict[str, Any] | None:
         # updated. A resumed run picks the backward variant the uninterrupted one would (bit for bit).
         "clip": 2 if st.clip_seen else int(st.stepped),
     }
+    if st.mstate:  # the method's own states (lowrank_compile/methods), under the method's index
+        low["opt_method"] = METHODS.index(st.config.method)
+        low["mstates"] = {k: _enc(v) for k, v in st.mstate.items()}
     if st.proj is not None:
         pj = st.proj
         low.update(
@@ -183,6 +187,16 @@ def restore(st: Any, entry: Any) -> None:
             states[k] = states[k].reshape(())
         first = bool(low.get("first", False))
         st.rounds = int(low.get("rounds", 0))
+        st.pending_mstate = None
+        if "mstates" in low:
+            saved = METHODS[int(low["opt_method"])]
+            if saved == st.config.method:
+                st.pending_mstate = {k: _dec(v, dev) for k, v in low["mstates"].items()}
+            else:
+                _note(
+                    f"lowrank: {name}: checkpoint states of method {saved!r}; "
+                    f"{st.config.method!r} starts its own afresh"
+                )
         clip = int(low.get("clip", 0))
         st.clip_seen = clip == 2
         st.stepped = clip > 0
@@ -284,6 +298,7 @@ def forget(st: Any) -> None:
     """Drop the optimizer state of `st`, as loading a state_dict without an entry for it does."""
     st.ostate = None
     st.pending_state = None
+    st.pending_mstate = None
     st.pending_first = True
     st.stepped = False  # a fresh state's first step keeps the clip statistics, as a fresh run's does
     if st.proj is not None:
@@ -332,6 +347,19 @@ def _into_projection(st: Any, states: dict[str, Any]) -> dict[str, Any]:
         "(second moments approximately)"
     )
     return {k: v if v.dim() == 0 else _project_state(k, v.float(), new, pj.side) for k, v in states.items()}
+
+
+def store_pending_method(st: Any) -> None:
+    """Move `st.pending_mstate` (a checkpoint's method states) into `st.mstate`, bit for bit."""
+    pending, st.pending_mstate = st.pending_mstate, None
+    if pending is None:
+        return
+    for key, dst in st.mstate.items():
+        if key not in pending:
+            _note(f"lowrank: {st.plan.name}: checkpoint lacks method state {key!r}; it starts afresh")
+            continue
+        _check_shape(st, key, pending[key], tuple(dst.shape))
+        dst.copy_(pending[key].to(dst.dtype))
 
 
 def store_pending(st: Any, specs: Any) -> bool:

@@ -127,9 +127,30 @@ def _install(st: ParamState, new: torch.Tensor) -> None:
     _track_similarity(st, old, cur)
     if old is not None and st.config.rotate_states:
         _rotate_states(st, old, cur)
+    elif old is not None:
+        reset_if_method_asks(st)
     pj.has_p = True
     pj.refreshes += 1
     pj.next_refresh = pj.updates + pj.gap
+
+
+def reset_if_method_asks(st: ParamState) -> None:
+    """A new basis: the method's rule states restart from zero (FRUGAL; `Method.resets_states`).
+
+    Zero states and a zero step counter are the rule's first step for the optimizers such
+    methods accept (Adam, AdamW: `Rule.zero_init`).
+    """
+    from lowrank_compile import methods
+    from lowrank_compile.runtime.quant import QState
+
+    method = st.binding.method if st.binding is not None else methods.make(st.config)
+    if not method.resets_states or not st.ostate:
+        return
+    for stored in st.ostate.values():
+        if isinstance(stored, QState):
+            stored.assign(torch.zeros(stored.shape, device=stored.codes.device))
+        else:
+            stored.zero_()
 
 
 def advance_seeded(st: ParamState) -> None:
@@ -138,13 +159,16 @@ def advance_seeded(st: ParamState) -> None:
     assert pj is not None
     if not pj.seeded or not pj.refresh_due():
         return
-    old = pj.projector() if pj.has_p and st.config.rotate_states else None
+    had_p = pj.has_p
+    old = pj.projector() if had_p and st.config.rotate_states else None
     pj.refreshes += 1
     pj.sync_key()
     pj.has_p = True
     pj.next_refresh = pj.updates + pj.gap
     if old is not None:
         _rotate_states(st, old, pj.projector())
+    elif had_p:
+        reset_if_method_asks(st)
 
 
 def prepare(st: ParamState) -> None:
@@ -162,16 +186,25 @@ def prepare(st: ParamState) -> None:
             if pj.method == "randomized":
                 _refresh_randomized_from_full(st, g)
             else:
-                new = _new_projector_from_full(st, g)
+                new = _new_projector_from_full(st, _refresh_source(st, g))
                 if new is not None:
                     _install(st, new)
                 else:
                     pj.next_refresh = pj.updates + pj.gap
         pj.r_acc.copy_(pm.project(g.to(pj.r_acc.dtype), pj.projector().to(pj.r_acc.dtype), pj.side))
-        pj.full = None
+        if not st.config.reads_full_gradient:  # the method's update reads G too: dropped after it
+            pj.full = None
         return
     if due and pj.method == "randomized":
         _refresh_randomized(st)
+
+
+def _refresh_source(st: ParamState, g: torch.Tensor) -> torch.Tensor:
+    """What an svd/dct refresh decomposes: G, or what the method makes of it (`Method.refresh_source`)."""
+    from lowrank_compile import methods
+
+    method = st.binding.method if st.binding is not None else methods.make(st.config)
+    return method.refresh_source(g, st.view, list(st.mstate.values()))
 
 
 def _install_from_backward(st: ParamState) -> None:

@@ -195,6 +195,10 @@ class ParamState:
     pending_first: bool = False
     # Keys of `ostate` that are scalars (step counters), stored (1,) float64.
     scalar_keys: tuple[str, ...] = ()
+    # The method's own states (lowrank_compile/methods: `Method.state_shapes`), compute dtype;
+    # `pending_mstate`: loaded from a checkpoint, moved into `mstate` with `pending_state`.
+    mstate: dict[str, torch.Tensor] = field(default_factory=dict)
+    pending_mstate: dict[str, torch.Tensor] | None = None
     # Updates applied so far: the salt of the 8-bit settle rule's rounding (runtime/quant.py).
     # Saved in checkpoints, so a resumed run rounds as the uninterrupted one.
     rounds: int = 0
@@ -396,7 +400,7 @@ class ParamState:
         0 for full-rank parameters and under `grad_accumulation="full"` (the full buffer is exact).
         """
         pj = self.proj
-        if pj is None or self.config.grad_accumulation == "full":
+        if pj is None or self.config.keeps_full_gradient:
             return 0
         return self.config.clip_sketch
 
@@ -471,7 +475,9 @@ class ParamState:
             refreshing = pj.refresh_due()
             fresh = constant(g.device, self.fresh)
             # The consumers the compiled backward runs, called eagerly.
-            if refreshing and pj.method != "randomized" and not pj.bwd_refreshed:
+            if self.config.keeps_full_gradient or (
+                refreshing and pj.method != "randomized" and not pj.bwd_refreshed
+            ):
                 consume_full(g, fresh, self.input_for("grad"))
                 consume_stats(g, fresh, pj.sq, pj.amax)
             else:
