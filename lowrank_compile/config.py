@@ -223,7 +223,8 @@ class LowRankConfig:
                     + ")"
                 )
         for name, value in METHOD_DEFAULTS[self.method].items():
-            if getattr(self, name) is None or (name == "rank" and self.rank == "auto"):
+            # rank=None means "no projection": only "auto" takes the method's rank.
+            if (self.rank == "auto") if name == "rank" else getattr(self, name) is None:
                 object.__setattr__(self, name, value)
         _validate(self)
 

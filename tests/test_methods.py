@@ -124,6 +124,7 @@ def test_method_defaults_and_errors():
     assert parse_options({"method": "apollo"}).projector == "gaussian"
     assert parse_options({"method": "fira"}).norm_growth_limit == 1.01
     assert parse_options({}).norm_growth_limit is None
+    assert parse_options({"method": "fira", "rank": None}).rank is None  # None: no projection
     with pytest.raises(LowRankOptionError, match="'method'.*galore"):
         parse_options({"method": "adafactor"})
     with pytest.raises(LowRankOptionError, match="'norm_growth_limit'.*method='galore'"):

@@ -14,9 +14,10 @@ virtual parameter (`runtime/rules.py`), on tensors the backend owns:
 - full-rank parameter: the parameter's storage (a flat view) and its gradient buffer;
 - projected parameter: a *virtual* parameter of R's shape, zero before each update, and R. The
   rule leaves v = -lr * N in it. Then W <- W * (1 - lr * wd) + back(scale * v), with decay
-  decoupled as torch's AdamW and Lion apply it. The rule runs with weight decay 0: a decoupled
-  decay is applied to W as above, and an L2 decay (Adam, SGD) is folded into the gradient as
-  R + wd * proj(W).
+  decoupled as torch's AdamW and Lion apply it (GaLore; the `method` option's others, in
+  lowrank_compile/methods, change what the rule steps on and how its output changes W). The
+  rule runs with weight decay 0: a decoupled decay is applied to W as above, and an L2 decay
+  (Adam, SGD) is folded into the gradient as R + wd * proj(W).
 States are stored per parameter (`ParamState.ostate`). With `state_bits=8`, states of >= 4096
 values are block-wise 8-bit (`runtime/quant.py`): the compiled update dequantizes them, runs the
 rule, and quantizes the result, all inside one graph that Inductor fuses. The update of one kind
@@ -137,9 +138,9 @@ def _update_one(
 ) -> None:
     """One parameter's update: its rule on the backend's tensors, states loaded and stored.
 
-    `sig` = (rule, first, projected, side, decay, dct, scale, layout, as_blocks, settles, sr, method):
-    constants Dynamo guards on. `dct` says how the projector arrives: None (the matrix in
-    `basis`), "dct" (`basis` and column `index`), "sparse"/"gaussian" (generated here from the
+    `sig` = (rule, first, projected, side, decay, dct, scale, layout, as_blocks, settles, sr,
+    method, nm): constants Dynamo guards on. `dct` says how the projector arrives: None (the
+    matrix in `basis`), "dct" (`basis` and column `index`), "sparse"/"gaussian" (generated here from the
     key in `basis`, runtime/projector.py), or "q16"/"q8"/"q4" (codes in `basis`, group scales in
     `index`, dequantized here: runtime/projector_quant.py). `settles`: some element has no
     gradient, so the 8-bit settle rule can change a code (without it the rule is an identity,
@@ -154,8 +155,9 @@ def _update_one(
     the parameter's update counter (with the piece's first element index when the update runs
     in pieces, `_pieces`): it seeds the stochastic rounding of the 8-bit settle rule
     (runtime/quant.py) and, with `sr` (bf16 weights, `stochastic_rounding=True`), of the weight.
-    `method` (projected parameters; lowrank_compile/methods) turns the rule's output into the
-    change of W; its own states are the last tensors of `flat`, and `full` is G when it reads it.
+    `method` (projected parameters; lowrank_compile/methods) says what the rule steps on and
+    turns the rule's output into the change of W; its `nm` own states are the last tensors of
+    `flat`, and `full` is G when it reads it (None otherwise).
     """
     rule, first, projected, side, decay, dct, scale, layout, as_blocks, settles, sr, method, nm = sig
     mstates = list(flat[len(flat) - nm :])
