@@ -184,7 +184,7 @@ def prepare(st: ParamState) -> None:
         g = pj.full
         if due:
             if pj.method == "randomized":
-                _refresh_randomized_from_full(st, g)
+                _refresh_randomized_from_full(st, _refresh_source(st, g))
             else:
                 new = _new_projector_from_full(st, _refresh_source(st, g))
                 if new is not None:
