@@ -191,8 +191,9 @@ def _update_one(
                 full = full + (sign * wd) * w.to(full.dtype)
         cdt_w = compute_dtype(w.dtype)
         g_full = full.to(cdt_w) if full is not None else None
+        w_c = w.to(cdt_w)  # W before this update, in the compute dtype (read by the method only)
         # What the rule steps on: R, or what the method makes of G (GradNormLoRP's direction).
-        grad = method.rule_input(g_full, grad.to(cdt_w), w.to(cdt_w), pmat, side, mstates)
+        grad = method.rule_input(g_full, grad.to(cdt_w), w_c, pmat, side, mstates)
         if not method.rule_lr:  # the method applies lr itself: the rule leaves -N
             lr = torch.ones_like(lr)
     else:
@@ -243,7 +244,7 @@ def _update_one(
             g_full,
             grad,
             out,
-            w.to(cdt_w),
+            w_c,
             pmat,
             side,
             lr,

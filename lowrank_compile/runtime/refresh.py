@@ -27,6 +27,7 @@ then the first DCT columns are used instead.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 
@@ -134,16 +135,22 @@ def _install(st: ParamState, new: torch.Tensor) -> None:
     pj.next_refresh = pj.updates + pj.gap
 
 
+def _method_of(st: ParamState) -> Any:
+    """The method updating `st`: its binding's, or one made from its options before it is bound."""
+    from lowrank_compile import methods
+
+    return st.binding.method if st.binding is not None else methods.make(st.config)
+
+
 def reset_if_method_asks(st: ParamState) -> None:
     """A new basis: the method's rule states restart from zero (FRUGAL; `Method.resets_states`).
 
     Zero states and a zero step counter are the rule's first step for the optimizers such
     methods accept (Adam, AdamW: `Rule.zero_init`).
     """
-    from lowrank_compile import methods
     from lowrank_compile.runtime.quant import QState
 
-    method = st.binding.method if st.binding is not None else methods.make(st.config)
+    method = _method_of(st)
     if not method.resets_states or not st.ostate:
         return
     for stored in st.ostate.values():
@@ -201,10 +208,7 @@ def prepare(st: ParamState) -> None:
 
 def _refresh_source(st: ParamState, g: torch.Tensor) -> torch.Tensor:
     """What an svd/dct refresh decomposes: G, or what the method makes of it (`Method.refresh_source`)."""
-    from lowrank_compile import methods
-
-    method = st.binding.method if st.binding is not None else methods.make(st.config)
-    return method.refresh_source(g, st.view, list(st.mstate.values()))
+    return _method_of(st).refresh_source(g, st.view, list(st.mstate.values()))
 
 
 def _install_from_backward(st: ParamState) -> None:
