@@ -32,7 +32,10 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _results import record  # noqa: E402
 
-from lowrank_compile.runtime import projector as pm  # noqa: E402
+from lowrank_compile import projectors  # noqa: E402
+from lowrank_compile.projectors.randomized import random_orthonormal  # noqa: E402
+from lowrank_compile.projectors.seeded import seed_key  # noqa: E402
+from lowrank_compile.projectors.svd import svd_projector  # noqa: E402
 
 SHAPES = [(512, 512, 128), (1376, 512, 128), (512, 1376, 128), (4096, 4096, 1024)]
 
@@ -41,9 +44,9 @@ def contenders(m: int, n: int, r: int):
     """name -> (fn computing R for a gradient G of shape m x n, bytes kept between steps)."""
     short = min(m, n)
     d = n  # R = G P with P n x r (the side "right"; the left side is the same GEMM transposed)
-    key = torch.tensor([pm.seed_key(12345, 1)])
-    stored = pm.random_orthonormal(d, r, 0)
-    sp = pm.seeded_projector("sparse", key, d, r, short)
+    key = torch.tensor([seed_key(12345, 1)])
+    stored = random_orthonormal(d, r, 0)
+    sp = projectors.get("sparse").generate(key, d, r, short, torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sparse CSR is "beta"
         csr_t = sp.t().contiguous().to_sparse_csr()
@@ -54,7 +57,7 @@ def contenders(m: int, n: int, r: int):
     def regen(kind):
         @torch.compile(dynamic=False)
         def f(g, k):
-            return g @ pm.seeded_projector(kind, k, d, r, short)
+            return g @ projectors.get(kind).generate(k, d, r, short, torch.float32)
 
         return lambda g: f(g, key)
 
@@ -92,7 +95,7 @@ def quantization_table() -> list[str]:
     g = u @ torch.diag(torch.linspace(1, 0.1, 64)) @ v.t()
     noise = torch.randn(m, n, generator=gen)
     g = g + noise * (math.sqrt(0.1) * g.norm() / noise.norm())
-    p = pm.svd_projector(g, r, "right")
+    p = svd_projector(g, r, "right")
     base = float((g @ p).norm() ** 2 / g.norm() ** 2)
     out = [
         f"projector_bits on a {m}x{n} gradient's rank-{r} svd projector "

@@ -29,6 +29,11 @@ from train_llama import batches  # noqa: E402
 from train_llama import build_model  # noqa: E402
 from train_llama import load_corpus  # noqa: E402
 
+from lowrank_compile.projectors.dct import dct_basis  # noqa: E402
+from lowrank_compile.projectors.dct import dct_indices  # noqa: E402
+from lowrank_compile.projectors.randomized import range_finder  # noqa: E402
+from lowrank_compile.projectors.randomized import sketch_sizes  # noqa: E402
+from lowrank_compile.projectors.svd import svd_projector  # noqa: E402
 from lowrank_compile.runtime import projector as pm  # noqa: E402
 
 
@@ -48,22 +53,22 @@ def refresh_times(shape, repeat):
     g = torch.randn(m, n)
     a = g if side == "left" else g.t()
     d, e = a.shape
-    omega = torch.randn(e, pm.sketch_sizes(r, d, e))
+    omega = torch.randn(e, sketch_sizes(r, d, e))
     y = a @ omega
-    basis = pm.dct_basis(d)
+    basis = dct_basis(d)
 
     def svd():
-        p = pm.svd_projector(g, r, side)
+        p = svd_projector(g, r, side)
         pm.project(g, p, side)
 
     def rand_step():
-        pm.range_finder(y, r)
+        range_finder(y, r)
 
     def rand_backward():
         a @ omega
 
     def dct():
-        idx = pm.dct_indices(g, basis, r, side)
+        idx = dct_indices(g, basis, r, side)
         pm.project(g, basis[:, idx], side)
 
     def project_only():  # what a steady backward does anyway
@@ -105,12 +110,12 @@ def energies(grads):
         side = pm.choose_side((m, n), "std")
         a = g if side == "left" else g.t()
         d, e = a.shape
-        exact = pm.energy_captured(g, pm.svd_projector(g, r, side), side)
-        omega = torch.randn(e, pm.sketch_sizes(r, d, e), generator=gen)
-        p = pm.range_finder(a @ omega, r)
+        exact = pm.energy_captured(g, svd_projector(g, r, side), side)
+        omega = torch.randn(e, sketch_sizes(r, d, e), generator=gen)
+        p = range_finder(a @ omega, r)
         rows["randomized"].append(pm.energy_captured(g, p, side) / exact)
-        idx = pm.dct_indices(g, pm.dct_basis(d), r, side)
-        rows["dct"].append(pm.energy_captured(g, pm.dct_basis(d)[:, idx], side) / exact)
+        idx = dct_indices(g, dct_basis(d), r, side)
+        rows["dct"].append(pm.energy_captured(g, dct_basis(d)[:, idx], side) / exact)
     return rows
 
 

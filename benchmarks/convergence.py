@@ -6,7 +6,9 @@
 `lowrank_<projector>` runs the defaults with options={"projector": <projector>},
 `lowrank_projector_bits<b>` with options={"projector_bits": <b>}, and `lowrank_<method>`
 (fira, frugal, apollo, apollo-mini) with options={"method": <method>} and that method's defaults.
-`--runs methods` is every method beside eager AdamW and GaLore. The table gives the optimizer
+A trailing `_state_bits32` (or `_state_bits8`) on a lowrank run also sets options={"state_bits": ...}.
+`--runs methods` is every method beside eager AdamW and GaLore; `--runs methods-bits` is every
+method (GaLore included) with 8-bit and with 32-bit states, beside eager AdamW. The table gives the optimizer
 states each run holds after its last step (torch.optim's plus the backend's, 8-bit at their
 stored size) and the median step time after the first 10 steps (compilation excluded; runs are
 sequential, so on a shared machine only large differences mean anything).
@@ -90,6 +92,10 @@ def run(name, base, train, val, args):
         # "lowrank_projector_bits<b>" only how it is stored.
         suffix = name.split("_", 1)[1] if "_" in name else ""
         options: dict = {}
+        for bits in ("8", "32"):
+            if suffix == f"state_bits{bits}" or suffix.endswith(f"_state_bits{bits}"):
+                options["state_bits"] = int(bits)
+                suffix = suffix.removesuffix(f"state_bits{bits}").removesuffix("_")
         if suffix in lowrank_compile.config.METHODS:
             options["method"] = suffix
         elif suffix.startswith("projector_bits"):
@@ -144,6 +150,11 @@ def main(argv=None):
     names = args.runs.split(",")
     if names == ["methods"]:
         names = ["eager_adamw", "lowrank"] + [f"lowrank_{m}" for m in lowrank_compile.config.METHODS[1:]]
+    elif names == ["methods-bits"]:
+        names = ["eager_adamw"]
+        for m in lowrank_compile.config.METHODS:
+            base_name = "lowrank" if m == "galore" else f"lowrank_{m}"
+            names += [base_name, f"{base_name}_state_bits32"]
     for name in names:
         rows, secs, state, step_ms = run(name, base, train, val, args)
         all_rows += rows

@@ -516,7 +516,6 @@ def _to_torch_format(p: torch.Tensor, info: ParamInfo, pp: ParamPlan) -> None:
 def _slot(i: int, st: ParamState, variant: str) -> Any:
     """How consume-grads consumes parameter `st`'s gradient in `variant`."""
     from lowrank_compile.passes.consume_grads import GradSlot
-    from lowrank_compile.runtime.projector import sketch_sizes
 
     pj = st.proj
     up = st.config.update_in_backward
@@ -524,28 +523,28 @@ def _slot(i: int, st: ParamState, variant: str) -> Any:
         return GradSlot(i, "full", update=up)
     if st.config.keeps_full_gradient:  # grad_accumulation="full", or a method that reads G
         return GradSlot(i, "full", update=up)
-    dct = pj.method == "dct"
+    kind = pj.kind
     ck = 0 if up else st.clip_k()  # clipping cannot follow an update made inside the backward
     q: dict[str, Any] = {"update": up}
     if pj.pcodes is not None:  # a quantized projector: codes and group scales are the inputs
         assert pj.pqparams is not None
         q |= {"pbits": pj.pbits, "pshapes": (tuple(pj.pcodes.shape), tuple(pj.pqparams.shape))}
-    if variant in ("steady", "lean") or pj.seeded:
+    q["projector"] = pj.method
+    if variant in ("steady", "lean") or kind.refresh_from == "key":
         # A seeded projector refreshes without the gradient (refresh.advance_seeded): no refresh variant.
-        seeded = pj.method if pj.seeded else ""
         if up or (variant == "lean" and st.config.clip_stats == "auto"):
             # No clip reads this gradient (none can follow an update inside the backward): no
             # statistics, no clip sketch, and R straight from the layer's input and output gradient.
             q |= {"stats": False, "direct": True}
             ck = 0
-        return GradSlot(i, "project", side=pj.side, dct=dct, rank=pj.rank, clip_k=ck, seeded=seeded, **q)
-    if pj.method == "randomized":
-        k = sketch_sizes(pj.rank, pj.reduced, pj.kept)
-        return GradSlot(i, "sketch", side=pj.side, dct=dct, rank=pj.rank, sketch_k=k, clip_k=ck, **q)
+        return GradSlot(i, "project", side=pj.side, rank=pj.rank, clip_k=ck, **q)
+    if kind.refresh_from == "sketch":
+        k = kind.sketch_width(pj.rank, pj.reduced)
+        return GradSlot(i, "sketch", side=pj.side, rank=pj.rank, sketch_k=k, clip_k=ck, **q)
     # svd/dct: the projector is made inside backward, so no full-size gradient outlives its layer.
     signs = st.config.svd_signs
     name = st.plan.name
-    return GradSlot(i, "refresh", side=pj.side, dct=dct, rank=pj.rank, name=name, clip_k=ck, signs=signs, **q)
+    return GradSlot(i, "refresh", side=pj.side, rank=pj.rank, name=name, clip_k=ck, signs=signs, **q)
 
 
 def _clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -30,14 +30,14 @@ class LowRankOptionError(ValueError):
 
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
+# One file each under lowrank_compile/projectors/ (the registry there must list the same names).
+# Append only: a checkpoint stores a parameter's kind as its index here (runtime/checkpoint.py).
 PROJECTORS = ("svd", "randomized", "dct", "sparse", "gaussian")
-# Projectors regenerated from (seed, refresh count) wherever they are needed: nothing is stored.
-SEEDED_PROJECTORS = ("sparse", "gaussian")
 STATE_BITS = (32, 8)
 PROJECTOR_BITS = (32, 16, 8, 4)  # runtime/projector_quant.py
 GRAD_ACCUMULATION = ("projected", "full")
 CLIP_STATS = ("auto", "always")  # backend.py: the "lean" backward variant
-SVD_SIGNS = ("canonical", "lapack")  # runtime/projector.py: svd_projector's `signs`
+SVD_SIGNS = ("canonical", "lapack")  # projectors/svd.py: svd_projector's `signs`
 # One file each under lowrank_compile/methods/ (the registry there must list the same names).
 METHODS = ("galore", "fira", "frugal", "apollo", "apollo-mini", "gradnorm")
 FRUGAL_FREE_RULES = ("signsgd", "sgd")
@@ -309,7 +309,10 @@ def _validate(cfg: LowRankConfig) -> None:
         raise _fail("proj_type", cfg.proj_type)
     if cfg.projector not in PROJECTORS:
         raise _fail("projector", cfg.projector)
-    if cfg.adaptive_gap and cfg.projector in SEEDED_PROJECTORS:
+    from lowrank_compile import projectors  # torch: imported once an option is validated
+
+    kind = projectors.get(cfg.projector)
+    if cfg.adaptive_gap and kind.storage == "seeded":
         raise LowRankOptionError(
             f"lowrank option 'adaptive_gap': got True with projector={cfg.projector!r}; adaptive_gap follows "
             "how far the gradient's subspace moves, which a seeded random projector ignores; accepted "
@@ -317,11 +320,12 @@ def _validate(cfg: LowRankConfig) -> None:
         )
     if not _is_int(cfg.projector_bits) or cfg.projector_bits not in PROJECTOR_BITS:
         raise _fail("projector_bits", cfg.projector_bits)
-    if cfg.projector_bits != 32 and cfg.projector not in ("svd", "randomized"):
+    if cfg.projector_bits != 32 and kind.storage != "matrix":
         raise LowRankOptionError(
             f"lowrank option 'projector_bits': got {cfg.projector_bits} with projector={cfg.projector!r}, "
             "which stores no matrix to quantize (dct keeps column indices; sparse and gaussian store "
-            "nothing); accepted values with this projector: 32"
+            "nothing); accepted values with this projector: 32; projectors that store a matrix: "
+            + ", ".join(n for n in PROJECTORS if projectors.get(n).storage == "matrix")
         )
     if cfg.svd_signs not in SVD_SIGNS:
         raise _fail("svd_signs", cfg.svd_signs)

@@ -261,6 +261,9 @@ def estimate(
     scratch: set[tuple[Any, ...]] = set()  # shared buffers: one per R shape, one test matrix per kept size
     lowrank = MemoryEstimate(f"lowrank {_describe(config)}{tag}", elt * n, activations=act)
     up = config.update_in_backward
+    from lowrank_compile import projectors
+
+    keeps_r = projectors.get(config.projector).refresh_from == "sketch"
     for pp in plan.params:
         numel = pp.numel
         for row in (layer, qgalore, apollo):  # per-layer updates: one layer's gradient at a time
@@ -278,7 +281,7 @@ def estimate(
             qgalore.projectors += pp.rank * reduced // 2 + 8 * -(-pp.rank * reduced // 256)
             apollo.optimizer_states += 8 * pp.rank * kept  # fp32 moments of the projected gradient
             lowrank.gradients += 8  # sum(G^2), max|G|
-            if not up or config.projector == "randomized":  # a randomized projector keeps R (warm start)
+            if not up or keeps_r:  # a sketch-refreshed projector keeps R (the sketch's warm start)
                 lowrank.gradients += 4 * pp.rank * kept  # the R accumulator
             lowrank.gradient_transient = max(lowrank.gradient_transient, elt * numel)
             if config.reads_full_gradient and not up:  # Fira/FRUGAL/APOLLO read G at opt.step()

@@ -15,11 +15,10 @@ from typing import Any
 
 import torch
 
-from lowrank_compile.config import SEEDED_PROJECTORS
+from lowrank_compile import projectors
 from lowrank_compile.config import LowRankConfig
 from lowrank_compile.optimizers import rule_for
 from lowrank_compile.optimizers import supported_names
-from lowrank_compile.runtime.projector_quant import stored_bytes
 
 __all__ = ["Kind", "ParamPlan", "Plan", "make_plan", "revisable"]
 
@@ -199,12 +198,9 @@ def plan_param(info: ParamInfo, config: LowRankConfig) -> ParamPlan:
                         kept = n if side == "left" else m
                         reduced = m if side == "left" else n
                         numel = rank * kept
-                        bits = config.projector_bits  # svd, randomized: 32 = the parameter's dtype
-                        proj = rank * reduced * elt if bits == 32 else stored_bytes(reduced, rank, bits)
-                        if config.projector == "dct":
-                            proj = rank * 8  # column indices
-                        elif config.projector in SEEDED_PROJECTORS:
-                            proj = 0  # regenerated from a key
+                        proj = projectors.stored_bytes(
+                            config.projector, reduced, rank, elt, config.projector_bits
+                        )
                     # The backend's step counter is float64 (8 B).
                     ours = per * _state_bytes(numel, elt, config.state_bits) + 8 * counter
                     if kind is Kind.PROJECTED and rank is not None:

@@ -213,6 +213,26 @@ def scenario_projector(rank: int, out: str, projector: str) -> None:
     torch.save(params, os.path.join(out, f"proj_{projector}.{rank}.pt"))
 
 
+def scenario_method(rank: int, out: str, method: str) -> None:
+    """A method other than GaLore under DDP (its update reads the averaged full gradient)."""
+    model = MLP()
+    ddp = DDP(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+
+    @torch.compile(backend="lowrank", options={**MLP_OPTS, "method": method, "check_ranks": True})
+    def step_fn(x):
+        mlp_loss(ddp, x).backward()
+
+    for i in range(MLP_STEPS):
+        step_fn(shard(mlp_micro(i, 0), rank))
+        opt.step()
+        opt.zero_grad()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    st = lookup(model.a.weight)
+    report = {"params": params, "method": st.binding.method.name, "projector": st.proj.method}
+    torch.save(report, os.path.join(out, f"method_{method}.{rank}.pt"))
+
+
 def scenario_scaler(rank: int, out: str) -> None:
     """GradScaler: an inf on rank 1 only makes every rank skip that step and lower the scale."""
     model = MLP()
@@ -306,6 +326,8 @@ SCENARIOS = {
     "ckpt_full": lambda r, o: scenario_checkpoint(r, o, False),
     "proj_randomized": lambda r, o: scenario_projector(r, o, "randomized"),
     "proj_dct": lambda r, o: scenario_projector(r, o, "dct"),
+    "method_apollo": lambda r, o: scenario_method(r, o, "apollo"),
+    "method_gradnorm": lambda r, o: scenario_method(r, o, "gradnorm"),
     "scaler": scenario_scaler,
     "diverged": scenario_diverged,
     "in_backward": scenario_in_backward,

@@ -28,6 +28,8 @@ FIRST = [
     "ckpt_full",
     "proj_randomized",
     "proj_dct",
+    "method_apollo",
+    "method_gradnorm",
     "scaler",
     "diverged",
     "in_backward",
@@ -209,6 +211,32 @@ def test_randomized_and_dct_under_ddp_without_ddp_optimizer(runs, projector):
     ref = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert all(torch.equal(r0[n], r1[n]) for n in ref)
     assert _rel(r0, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("method, projector", [("apollo", "gaussian"), ("gradnorm", "svd")])
+def test_methods_under_ddp_equal_single_process(runs, method, projector):
+    """APOLLO (a seeded projector; the update reads G) and GradNormLoRP (per-row magnitudes, the
+    refresh from the direction's gradient) with DDP's default graph splitting: the ranks' averaged
+    full gradient must give the single process's update on the joint batch. Bound 1e-5 as above
+    (fp32 all-reduce order against the joint GEMM, through Adam's division by sqrt(v))."""
+    r0, r1 = runs(f"method_{method}")
+    lowrank_compile.reset()
+    torch.manual_seed(0)
+    model = W.MLP()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    step_fn = torch.compile(
+        lambda x: W.mlp_loss(model, x).backward(), backend="lowrank", options={**W.MLP_OPTS, "method": method}
+    )
+    for i in range(W.MLP_STEPS):
+        step_fn(W.mlp_micro(i, 0))
+        opt.step()
+        opt.zero_grad()
+    st = lookup(model.a.weight)
+    assert st.projected and st.binding.method.name == method and st.proj.method == projector
+    assert (r0["method"], r0["projector"]) == (method, projector)  # the ranks took it over too
+    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert all(torch.equal(r0["params"][n], r1["params"][n]) for n in ref)  # replicas stay identical
+    assert _rel(r0["params"], ref) <= 1e-5
 
 
 def test_grad_scaler_skips_on_every_rank_when_one_rank_overflows(runs):

@@ -26,7 +26,8 @@ from models import mlp_loss
 
 import lowrank_compile
 from lowrank_compile import LowRankOptionError
-from lowrank_compile.runtime import projector as pm
+from lowrank_compile import projectors
+from lowrank_compile.projectors.seeded import seed_key
 from lowrank_compile.runtime.state import lookup
 from lowrank_compile.runtime.state import name_seed
 
@@ -39,7 +40,7 @@ def _key(value: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("d, r, short", [(512, 128, 512), (1376, 64, 512), (37, 5, 37)])
 def test_sparse_entries_follow_the_very_sparse_projection(d, r, short):
-    p = pm.seeded_projector("sparse", _key(pm.seed_key(7, 1)), d, r, short, torch.float64)
+    p = projectors.get("sparse").generate(_key(seed_key(7, 1)), d, r, short, torch.float64)
     s = math.sqrt(short)
     mag = math.sqrt(s / r)
     vals = torch.unique(p)
@@ -58,7 +59,7 @@ def test_sparse_entries_follow_the_very_sparse_projection(d, r, short):
 
 def test_gaussian_entries_have_the_moments_of_n01_over_r():
     r = 64
-    p = pm.seeded_projector("gaussian", _key(pm.seed_key(11, 3)), 4096, r, 4096, torch.float64)
+    p = projectors.get("gaussian").generate(_key(seed_key(11, 3)), 4096, r, 4096, torch.float64)
     z = p.flatten() * math.sqrt(r)  # ~N(0, 1); n = 262144 samples
     n = z.numel()
     assert abs(float(z.mean())) <= 5 / math.sqrt(n)
@@ -73,21 +74,23 @@ def test_gaussian_entries_have_the_moments_of_n01_over_r():
 
 @pytest.mark.parametrize("kind", ["sparse", "gaussian"])
 def test_generator_is_a_pure_function_of_the_key_and_inductor_computes_the_same_bits(kind):
-    key = _key(pm.seed_key(name_seed("layers.3.mlp.up_proj.weight"), 2))
-    eager = pm.seeded_projector(kind, key, 96, 24, 64)
-    assert torch.equal(eager, pm.seeded_projector(kind, key.clone(), 96, 24, 64))
-    next_key = _key(pm.seed_key(name_seed("layers.3.mlp.up_proj.weight"), 3))
-    other = pm.seeded_projector(kind, next_key, 96, 24, 64)
+    key = _key(seed_key(name_seed("layers.3.mlp.up_proj.weight"), 2))
+    eager = projectors.get(kind).generate(key, 96, 24, 64, torch.float32)
+    assert torch.equal(eager, projectors.get(kind).generate(key.clone(), 96, 24, 64, torch.float32))
+    next_key = _key(seed_key(name_seed("layers.3.mlp.up_proj.weight"), 3))
+    other = projectors.get(kind).generate(next_key, 96, 24, 64, torch.float32)
     assert not torch.equal(eager, other)  # the next refresh is another matrix
-    compiled = torch.compile(lambda k: pm.seeded_projector(kind, k, 96, 24, 64), backend="inductor")(key)
+    compiled = torch.compile(
+        lambda k: projectors.get(kind).generate(k, 96, 24, 64, torch.float32), backend="inductor"
+    )(key)
     assert torch.equal(eager, compiled)
 
 
 def _seeded_basis(kind, dtype):
     def basis(name, g, side, k):
         d = g.shape[0] if side == "left" else g.shape[1]
-        key = _key(pm.seed_key(name_seed(name), k))
-        return pm.seeded_projector(kind, key, d, 8, min(g.shape), torch.float32).to(dtype)
+        key = _key(seed_key(name_seed(name), k))
+        return projectors.get(kind).generate(key, d, 8, min(g.shape), torch.float32).to(dtype)
 
     return basis
 

@@ -23,7 +23,7 @@ Modes per slot (G is the gradient, m x n; every accumulator follows `where(fresh
   Those two let clip_grad_norm_ use the exact norm of the full gradient. For dct, P is
   gathered in the graph from the shared basis and the layer's column indices; for the seeded
   projectors (sparse, gaussian) it is generated in the graph from a one-element key
-  (runtime/projector.py: seeded_projector), so it is never an input; a quantized one
+  (the kind's `generate`, lowrank_compile/projectors), so it is never an input; a quantized one
   (`projector_bits` < 32) arrives as codes and group scales and is dequantized in the graph.
 - "project" with `stats=False` (no sum(G^2), max|G| or clip sketch: nothing will clip) and
   `direct`: when G is one mm(A, B) (a linear layer's dY^T X) under transposes that nothing else
@@ -81,13 +81,14 @@ class GradSlot:
     output_index: int
     mode: str = "full"
     side: str | None = None  # "left" | "right" for project/sketch
-    dct: bool = False  # the projector arrives as (basis, index) instead of a matrix
+    # The projector kind (lowrank_compile/projectors); its `storage` says how P arrives: a matrix,
+    # (basis, index) for "basis", or a key input it is generated from in the graph for "seeded".
+    projector: str = "svd"
     rank: int = 0  # r, for the fake shapes of project/sketch inputs
     sketch_k: int = 0  # sketch width k (sketch mode)
     clip_k: int = 0  # width of the clip residual sketch (project/sketch/refresh modes; 0 = none)
     name: str = ""  # the parameter's name (refresh mode: names it in warnings)
-    signs: str = "canonical"  # refresh mode: the SVD's sign convention (projector.svd_projector)
-    seeded: str = ""  # "sparse" | "gaussian": P is generated in the graph from a key input
+    signs: str = "canonical"  # refresh mode: the SVD's sign convention (projectors/svd.py)
     pbits: int = 32  # < 32: P arrives as codes + group scales, dequantized in the graph
     pshapes: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())  # pbits < 32: codes', scales' shapes
     update: bool = False  # update_in_backward: hand the update op what it reads, accumulate nothing
@@ -101,6 +102,23 @@ class GradSlot:
             raise ValueError(f"GradSlot mode {self.mode!r} needs side and rank")
         if self.direct and (self.mode != "project" or self.clip_k or (self.stats and not self.update)):
             raise ValueError("GradSlot.direct needs mode 'project' without stats or clip sketch")
+        from lowrank_compile import projectors
+
+        projectors.get(self.projector)  # an unknown kind raises here, naming the known ones
+
+    @property
+    def storage(self) -> str:
+        """How this slot's projector is kept: "matrix", "basis" or "seeded" (projectors.base)."""
+        from lowrank_compile import projectors
+
+        return projectors.get(self.projector).storage
+
+    @property
+    def orthonormal(self) -> bool:
+        """The projector has orthonormal columns (projectors.base)."""
+        from lowrank_compile import projectors
+
+        return projectors.get(self.projector).orthonormal
 
 
 # The consumers, as ordinary eager torch code. The pass traces them with make_fx under the
@@ -241,6 +259,7 @@ def _refreshed(
     left: bool,
     name: str,
     signs: str,
+    kind: str,
     pbits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(what refresh_projector returns, the d x r matrix to project with) on a refresh step.
@@ -249,8 +268,8 @@ def _refreshed(
     """
     from lowrank_compile.runtime.refresh_op import refresh_projector
 
-    new = refresh_projector(g, code, src, basis, rank, left, name, signs)
-    proj = basis[:, new] if basis.numel() else new
+    new = refresh_projector(g, code, src, basis, rank, left, name, signs, kind)
+    proj = basis[:, new] if basis.numel() else new  # a basis kind returns column indices
     if pbits < 32:
         from lowrank_compile.runtime.projector_quant import roundtrip
 
@@ -273,13 +292,14 @@ def consume_refresh(
     left: bool,
     name: str,
     signs: str,
+    kind: str = "svd",
     pbits: int = 32,
 ) -> None:
     """P = refresh_projector(G, ...) into `dst`; then R += proj(G) with that P, as consume_project.
 
     `pbits` < 32: R is accumulated with P as it reads back once quantized (what later steps use).
     """
-    new, proj = _refreshed(g, code, src, basis, rank, left, name, signs, pbits)
+    new, proj = _refreshed(g, code, src, basis, rank, left, name, signs, kind, pbits)
     dst.copy_(new)
     consume_project(g, fresh, proj, rgrad, sq, amax, *clip_bufs, left=left, clip=bool(clip_bufs))
 
@@ -360,11 +380,12 @@ def update_refresh(
     left: bool,
     name: str,
     signs: str,
+    kind: str,
     pbits: int,
     acc_dtype: torch.dtype,
 ) -> None:
     """update_in_backward, svd/dct refresh step: P_new from G, R with it, then the update op."""
-    new, proj = _refreshed(g, code, src, basis, rank, left, name, signs, pbits)
+    new, proj = _refreshed(g, code, src, basis, rank, left, name, signs, kind, pbits)
     _call_update(token, [_project(g, proj, left, acc_dtype), new], anchors, "refresh")
 
 
@@ -437,16 +458,17 @@ class ConsumeGradients(GraphPass):
 
         def projector_inputs(slot: GradSlot, d: int, r: int, short: int, dt: Any, dev: Any):
             """The placeholders the projector arrives in, and fn(g, *those) -> the d x r matrix."""
-            if slot.dct:
+            storage = slot.storage
+            if storage == "basis":
                 pins = [
                     placeholder(slot, "basis", (d, d), dt, dev),
                     placeholder(slot, "index", (r,), torch.int64, dev),
                 ]
                 return pins, _gather_dct
-            if slot.seeded:
-                from lowrank_compile.runtime.projector import seeded_projector
+            if storage == "seeded":
+                from lowrank_compile import projectors
 
-                gen_p = functools.partial(seeded_projector, slot.seeded, d=d, r=r, short=short)
+                gen_p = functools.partial(projectors.get(slot.projector).generate, d=d, r=r, short=short)
                 return [placeholder(slot, "pkey", (1,), torch.int64, dev)], lambda g, key: gen_p(
                     key, dtype=g.dtype
                 )
@@ -493,11 +515,11 @@ class ConsumeGradients(GraphPass):
                 acc_dt = torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
                 ins: list[torch.fx.Node] = []
                 if slot.mode == "refresh":
-                    p_shape, p_dt = ((r,), torch.int64) if slot.dct else ((d, r), dt)
+                    p_shape, p_dt = ((r,), torch.int64) if slot.storage == "basis" else ((d, r), dt)
                     ins = [
                         placeholder(slot, "refresh_code", (), torch.int64, dev),
                         placeholder(slot, "refresh_src", p_shape, p_dt, dev),
-                        placeholder(slot, "basis", (d, d) if slot.dct else (0,), dt, dev),
+                        placeholder(slot, "basis", (d, d) if slot.storage == "basis" else (0,), dt, dev),
                     ]
                     fn: Any = functools.partial(
                         update_refresh,
@@ -505,6 +527,7 @@ class ConsumeGradients(GraphPass):
                         left=left,
                         name=slot.name,
                         signs=slot.signs,
+                        kind=slot.projector,
                         pbits=slot.pbits,
                         acc_dtype=acc_dt,
                     )
@@ -574,13 +597,13 @@ class ConsumeGradients(GraphPass):
                 d, e = (m, n) if left else (n, m)
                 acc_dt = torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
                 stat_dt = torch.float64 if dt == torch.float64 else torch.float32
-                p_shape, p_dt = ((r,), torch.int64) if slot.dct else ((d, r), dt)
+                p_shape, p_dt = ((r,), torch.int64) if slot.storage == "basis" else ((d, r), dt)
                 args = [
                     grad,
                     placeholder(slot, "refresh_code", (), torch.int64, dev),
                     placeholder(slot, "refresh_src", p_shape, p_dt, dev),
                     placeholder(slot, "refresh_dst", p_shape, p_dt, dev),
-                    placeholder(slot, "basis", (d, d) if slot.dct else (0,), dt, dev),
+                    placeholder(slot, "basis", (d, d) if slot.storage == "basis" else (0,), dt, dev),
                     fresh,
                     placeholder(slot, "rgrad", (r, n) if left else (m, r), acc_dt, dev),
                     placeholder(slot, "sq", (), stat_dt, dev),
@@ -588,7 +611,13 @@ class ConsumeGradients(GraphPass):
                     *clip_inputs(slot, d, e, dt, acc_dt, stat_dt, dev),
                 ]
                 refresh = functools.partial(
-                    consume_refresh, rank=r, left=left, name=slot.name, signs=slot.signs, pbits=slot.pbits
+                    consume_refresh,
+                    rank=r,
+                    left=left,
+                    name=slot.name,
+                    signs=slot.signs,
+                    kind=slot.projector,
+                    pbits=slot.pbits,
                 )
                 _inline(graph, grad, refresh, args, fake_mode)
             else:
@@ -613,7 +642,7 @@ class ConsumeGradients(GraphPass):
                     left=left,
                     sketch=slot.mode == "sketch",
                     clip=slot.clip_k > 0,
-                    orthonormal=not slot.seeded,
+                    orthonormal=slot.orthonormal,
                     stats=slot.stats,
                 )
 

@@ -42,6 +42,7 @@ from typing import cast
 
 import torch
 
+from lowrank_compile import projectors
 from lowrank_compile.config import LowRankConfig
 from lowrank_compile.methods.base import Update
 from lowrank_compile.optimizers import OptimizerRule
@@ -138,10 +139,10 @@ def _update_one(
 ) -> None:
     """One parameter's update: its rule on the backend's tensors, states loaded and stored.
 
-    `sig` = (rule, first, projected, side, decay, dct, scale, layout, as_blocks, settles, sr,
-    method, nm): constants Dynamo guards on. `dct` says how the projector arrives: None (the
-    matrix in `basis`), "dct" (`basis` and column `index`), "sparse"/"gaussian" (generated here from the
-    key in `basis`, runtime/projector.py), or "q16"/"q8"/"q4" (codes in `basis`, group scales in
+    `sig` = (rule, first, projected, side, decay, arrival, scale, layout, as_blocks, settles, sr,
+    method, nm): constants Dynamo guards on. `arrival` says how the projector arrives: None (the
+    matrix in `basis`), "basis" (`basis` and column `index`), a seeded kind's name (generated here from the
+    key in `basis`, the kind's `generate`), or "q16"/"q8"/"q4" (codes in `basis`, group scales in
     `index`, dequantized here: runtime/projector_quant.py). `settles`: some element has no
     gradient, so the 8-bit settle rule can change a code (without it the rule is an identity,
     and is not traced). `decay`: None, "decoupled" (W <- W (1 - lr wd)), "l2" (G + wd W) or
@@ -159,7 +160,7 @@ def _update_one(
     turns the rule's output into the change of W; its `nm` own states are the last tensors of
     `flat`, and `full` is G when it reads it (None otherwise).
     """
-    rule, first, projected, side, decay, dct, scale, layout, as_blocks, settles, sr, method, nm = sig
+    rule, first, projected, side, decay, arrival, scale, layout, as_blocks, settles, sr, method, nm = sig
     mstates = list(flat[len(flat) - nm :])
     flat = flat[: len(flat) - nm]
     stores = _stores(layout, flat)
@@ -169,16 +170,16 @@ def _update_one(
     sign = -1.0 if decay == "l2-max" else 1.0
     if projected:
         assert basis is not None and virtual is not None
-        if dct == "dct":
+        if arrival == "basis":
             pmat = basis.index_select(1, cast(torch.Tensor, index))
-        elif dct:
+        elif arrival:
             d, r = (w.shape[0], virtual.shape[0]) if side == "left" else (w.shape[1], virtual.shape[1])
-            if dct.startswith("q"):  # quantized: codes in `basis`, [scale, lo] per group in `index`
+            if arrival.startswith("q"):  # quantized: codes in `basis`, [scale, lo] per group in `index`
                 pmat = projector_quant.dequantize(
-                    basis, cast(torch.Tensor, index), int(dct[1:]), d, r, w.dtype
+                    basis, cast(torch.Tensor, index), int(arrival[1:]), d, r, w.dtype
                 )
             else:  # a seeded projector, generated here from its key (`basis`)
-                pmat = pm.seeded_projector(dct, basis, d, r, min(w.shape), w.dtype)
+                pmat = projectors.get(arrival).generate(basis, d, r, min(w.shape), w.dtype)
         else:
             pmat = basis
         pmat = pmat.to(w.dtype)
@@ -610,7 +611,7 @@ class OptimizerBinding:
             elif mode == "full":  # grad_accumulation="full": R is made from the gradient by `prepare`
                 pj.full = values[0]
                 st.ensure_accumulators()
-            elif pj.method == "randomized":
+            elif pj.kind.refresh_from == "sketch":
                 pj.r_acc.copy_(values[0])  # kept: the next sketch's warm start
             else:
                 pj.r_acc = values[0]
@@ -855,10 +856,11 @@ class OptimizerBinding:
                 0,
             )
             return sig, (st.view, grad, it.lr, it.wd_t, hps, None, None, None, None, salt, *flat)
-        # How the projector arrives: a matrix (None), dct (basis + indices) or seeded (its key).
-        dct = "dct" if pj.basis is not None else pj.method if pj.seeded else None
+        # How the projector arrives: a matrix (None), a shared basis (basis + indices) or seeded (its key).
+        storage = pj.kind.storage
+        arrival = "basis" if storage == "basis" else pj.method if storage == "seeded" else None
         if pj.pcodes is not None:
-            dct = f"q{pj.pbits}"
+            arrival = f"q{pj.pbits}"
         # A projected L2 decay adds wd * proj(W) before the settle mask is taken: always settle.
         settles = signed_q and (decay in ("l2", "l2-max") or settles_for(pj.r_acc))
         method = self.method
@@ -869,7 +871,7 @@ class OptimizerBinding:
             True,
             pj.side,
             decay,
-            dct,
+            arrival,
             scale,
             layout,
             as_blocks,
@@ -882,7 +884,9 @@ class OptimizerBinding:
         if method.full_gradient and full is None:
             raise RuntimeError(f"lowrank: {st.plan.name}: method {method.name!r} found no full gradient")
         flat += list(st.mstate.values())  # in `state_shapes` order
-        basis, index = (pj.basis, pj.index) if dct == "dct" else (pj.key, None) if dct else (pj.p, None)
+        basis, index = (
+            (pj.basis, pj.index) if arrival == "basis" else (pj.key, None) if arrival else (pj.p, None)
+        )
         if pj.pcodes is not None:
             basis, index = pj.pcodes, pj.pqparams
         return sig, (st.view, pj.r_acc, it.lr, it.wd_t, hps, basis, index, pj.virtual, full, salt, *flat)

@@ -29,8 +29,11 @@ from typing import Any
 
 import torch
 
+from lowrank_compile import projectors
 from lowrank_compile.config import METHODS
-from lowrank_compile.config import SEEDED_PROJECTORS
+from lowrank_compile.config import PROJECTORS
+from lowrank_compile.projectors.seeded import seed_key
+from lowrank_compile.projectors.svd import svd_projector
 from lowrank_compile.runtime import projector as pm
 from lowrank_compile.runtime import quant
 
@@ -42,7 +45,7 @@ SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
 # garbage), so the entry holds no strings: dtypes, sides and methods are stored as small ints.
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.uint8, torch.int64, torch.int32)
 _SIDES = ("left", "right")
-_METHODS = ("svd", "randomized", "dct", "sparse", "gaussian")
+_METHODS = PROJECTORS  # a projector kind is stored as its index there (config.py: append only)
 
 
 def _enc(t: torch.Tensor) -> dict[str, Any]:
@@ -258,13 +261,14 @@ def _full_size(
     rank, method = int(low["rank"]), _METHODS[int(low["method"])]
     stored = _dec(low["projector"], dev)
     d = shape[0] if side == "left" else shape[1]
-    if method == "dct":
-        stored = pm.dct_basis(d, torch.float32, dev).index_select(1, stored.long())
-    elif method in SEEDED_PROJECTORS:
+    kind = projectors.get(method)
+    if kind.storage == "basis":
+        stored = kind.shared_basis(d, torch.float32, dev).index_select(1, stored.long())
+    elif kind.storage == "seeded":
         from lowrank_compile.runtime.state import name_seed
 
-        key = pm.seed_key(name_seed(name), int(low["refreshes"]))
-        stored = pm.seeded_projector(method, torch.tensor([key], device=dev), d, rank, min(shape[:2]))
+        key = seed_key(name_seed(name), int(low["refreshes"]))
+        stored = kind.generate(torch.tensor([key], device=dev), d, rank, min(shape[:2]), torch.float32)
     _note(
         f"lowrank: {name}: checkpoint states were projected (rank {rank}, {side}); they were "
         "projected back to full size (second moments approximately)"
@@ -313,8 +317,11 @@ def forget(st: Any) -> None:
 
 
 def _family(method: str) -> str:
-    """What a stored projector entry holds: dct indices, nothing (seeded, one family per kind), a matrix."""
-    return method if method == "dct" or method in SEEDED_PROJECTORS else "matrix"
+    """What a stored projector entry holds: "matrix" (any matrix kind reads it), or its kind's name.
+
+    A basis kind's indices and a seeded kind's (absent) projector are read by that kind only.
+    """
+    return "matrix" if projectors.get(method).storage == "matrix" else method
 
 
 def _into_projection(st: Any, states: dict[str, Any]) -> dict[str, Any]:
@@ -324,15 +331,15 @@ def _into_projection(st: Any, states: dict[str, Any]) -> dict[str, Any]:
     first = next((v for k, v in states.items() if v.shape == st.view.shape and k not in SECOND_MOMENTS), None)
     if first is None:
         return {k: v for k, v in states.items() if v.dim() == 0}
-    if pj.index is not None:
-        pj.index.copy_(pm.dct_indices(first.float(), pj.basis.float(), pj.rank, pj.side))
+    if pj.index is not None:  # a basis kind: the columns best aligned with the first moment
+        pj.index.copy_(pj.kind.choose(first.float(), pj.rank, pj.side, st.config.svd_signs, pj.basis.float()))
         new = pj.basis.index_select(1, pj.index).float()
     elif pj.seeded:  # the first seeded projector; nothing to choose
         pj.refreshes = max(pj.refreshes, 1)
         pj.sync_key()
         new = pj.projector().float()
     else:
-        new = pm.svd_projector(first.float(), pj.rank, pj.side, st.config.svd_signs)
+        new = svd_projector(first.float(), pj.rank, pj.side, st.config.svd_signs)
         pj.set_matrix(new)
     pj.has_p = True
     pj.pending_p = None

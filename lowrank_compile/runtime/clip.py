@@ -226,7 +226,7 @@ def _norm_of(st: Any, norm_type: float, variances: list[torch.Tensor], estimated
                 "full-size gradient buffers while accumulating (eager-size memory, exact for every norm), or "
                 "exclude the parameter (options={'exclude': [...]})."
             )
-        p = None if pj.seeded else st.accumulated_projector()
+        p = st.accumulated_projector() if pj.kind.orthonormal else None
         sq, var = residual_estimate(pj.r_acc, pj.sq, pj.sq_r, pj.clip_y, pj.clip_diag, p)
         variances.append(var)
         estimated.append(st.plan.name)

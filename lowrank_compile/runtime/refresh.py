@@ -60,20 +60,17 @@ def _fallback_projector(g: torch.Tensor, pj: Projection) -> torch.Tensor:
 
 
 def _new_projector_from_full(st: ParamState, g: torch.Tensor) -> torch.Tensor | None:
-    """P_new for svd/dct from the full gradient `g`; None to keep the current one."""
+    """P_new (or basis indices) for a gradient-refreshed kind from the full gradient `g`; None: keep P."""
     pj = st.proj
     assert pj is not None
-    if pj.method == "dct":
-        assert pj.basis is not None
-        if not torch.isfinite(g).all():
-            _warn_once(f"lowrank: non-finite gradient for {st.plan.name}; its DCT projector is kept")
-            return None
-        return pm.dct_indices(g, pj.basis, pj.rank, pj.side)
     try:
-        return pm.svd_projector(g, pj.rank, pj.side, st.config.svd_signs)
+        return pj.kind.choose(g, pj.rank, pj.side, st.config.svd_signs, pj.basis)
     except (torch.linalg.LinAlgError, RuntimeError) as err:
-        if pj.has_p:
-            _warn_once(f"lowrank: SVD failed for {st.plan.name} ({err}); keeping the previous projector")
+        if pj.has_p or pj.kind.storage == "basis":  # a basis kind starts with usable columns
+            _warn_once(
+                f"lowrank: {pj.method} refresh failed for {st.plan.name} ({err}); "
+                "keeping the previous projector"
+            )
             return None
         _warn_once(f"lowrank: SVD failed for {st.plan.name} ({err}); using a QR range finder instead")
         return _fallback_projector(g, pj)
@@ -119,7 +116,7 @@ def _install(st: ParamState, new: torch.Tensor) -> None:
     pj = st.proj
     assert pj is not None
     old = pj.projector().clone() if pj.has_p else None
-    if pj.method == "dct":
+    if pj.kind.storage == "basis":
         assert pj.index is not None
         pj.index.copy_(new)
     else:
@@ -190,8 +187,8 @@ def prepare(st: ParamState) -> None:
     if pj.full is not None:
         g = pj.full
         if due:
-            if pj.method == "randomized":
-                _refresh_randomized_from_full(st, _refresh_source(st, g))
+            if pj.kind.refresh_from == "sketch":
+                _refresh_sketch_from_full(st, _refresh_source(st, g))
             else:
                 new = _new_projector_from_full(st, _refresh_source(st, g))
                 if new is not None:
@@ -202,8 +199,8 @@ def prepare(st: ParamState) -> None:
         if not st.config.reads_full_gradient:  # the method's update reads G too: dropped after it
             pj.full = None
         return
-    if due and pj.method == "randomized":
-        _refresh_randomized(st)
+    if due and pj.kind.refresh_from == "sketch":
+        _refresh_from_sketch(st)
 
 
 def _refresh_source(st: ParamState, g: torch.Tensor) -> torch.Tensor:
@@ -220,7 +217,7 @@ def _install_from_backward(st: ParamState) -> None:
     new, pj.refresh_buf, pj.bwd_refreshed = pj.refresh_buf, None, False
     err = refresh_op.failed(st.plan.name, pj.index if pj.index is not None else pj.current_matrix_input())
     pj.src_cache = None
-    if err is not None and (pj.has_p or pj.method == "dct"):
+    if err is not None and (pj.has_p or pj.kind.storage == "basis"):
         # The op passed the current projector through, so R is consistent with keeping it.
         _warn_once(f"lowrank: refresh failed for {st.plan.name} ({err}); keeping the previous projector")
         pj.next_refresh = pj.updates + pj.gap
@@ -233,11 +230,11 @@ def _install_from_backward(st: ParamState) -> None:
         pj.full = None
 
 
-def _refresh_randomized(st: ParamState) -> None:
+def _refresh_from_sketch(st: ParamState) -> None:
     pj = st.proj
     assert pj is not None and pj.sketch_y is not None
     try:
-        p_new = pm.range_finder(pj.sketch_y, pj.rank, st.config.svd_signs)
+        p_new = pj.kind.from_sketch(pj.sketch_y, pj.rank, st.config.svd_signs)
     except (torch.linalg.LinAlgError, RuntimeError) as err:
         _warn_once(f"lowrank: randomized refresh failed for {st.plan.name} ({err}); keeping the projector")
         p_new = None
@@ -247,14 +244,14 @@ def _refresh_randomized(st: ParamState) -> None:
         pj.pending_p = p_new.to(pj.p.dtype)  # takes over after this update; R stays exact
 
 
-def _refresh_randomized_from_full(st: ParamState, g: torch.Tensor) -> None:
-    """Randomized refresh when the full gradient is there (`grad_accumulation="full"`): no lag needed."""
+def _refresh_sketch_from_full(st: ParamState, g: torch.Tensor) -> None:
+    """A sketch refresh when the full gradient is there (`grad_accumulation="full"`): no lag needed."""
     pj = st.proj
     assert pj is not None
     st._ensure_sketch()
     assert pj.omega is not None
     pj.sketch_y = ((g if pj.side == "left" else g.t()).float() @ pj.omega.float()).to(pj.r_acc.dtype)
-    _refresh_randomized(st)
+    _refresh_from_sketch(st)
     if pj.pending_p is not None:
         new, pj.pending_p = pj.pending_p, None
         _install(st, new)

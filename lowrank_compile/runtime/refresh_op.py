@@ -1,4 +1,4 @@
-"""`lowrank::refresh_projector`: an svd/dct projector refresh that runs inside the backward graph.
+"""`lowrank::refresh_projector`: a gradient-refreshed projector (svd, dct) refreshed inside the backward.
 
 consume-grads' "refresh" mode calls it right after a gradient is made, so a refresh step keeps
 no full-size gradient: the new projector comes from the gradient of the first backward call
@@ -7,7 +7,8 @@ later backward call of the step project with it. At `opt.step()`, `refresh.prepa
 (rotating the states when asked) exactly as a refresh from a full buffer would.
 
 The op is opaque to Inductor (an extern call): the SVD, its failure handling and DCT's column
-choice stay plain eager code. `code` (a 0-d int64 tensor) says what to do:
+choice stay plain eager code. `kind` names the projector (lowrank_compile/projectors; its
+`refresh_from` is "gradient"). `code` (a 0-d int64 tensor) says what to do:
 
 - 0: pass `src` through (the parameter is not due, or the step's projector is already chosen);
 - 1: refresh from `g`; there is no previous projector, so a failed SVD falls back to a QR
@@ -67,7 +68,9 @@ def _fallback(g: torch.Tensor, rank: int, left: bool) -> torch.Tensor:
         q, _ = torch.linalg.qr(a.double().cpu() @ omega)
         if torch.isfinite(q).all() and q.abs().sum() > 0:
             return q.float().to(g.device)
-    return pm.dct_basis(a.shape[0], torch.float32, g.device)[:, :rank].clone()
+    from lowrank_compile.projectors.dct import dct_basis
+
+    return dct_basis(a.shape[0], torch.float32, g.device)[:, :rank].clone()
 
 
 def refresh_projector_ref(
@@ -79,13 +82,14 @@ def refresh_projector_ref(
     left: bool,
     name: str,
     signs: str = "canonical",
+    kind: str = "svd",
 ) -> torch.Tensor:
-    """The refresh in plain torch: the new projector (d x r, or dct's r indices) or `src`.
+    """The refresh in plain torch: the new projector (d x r, or a basis kind's r indices) or `src`.
 
     Always a new contiguous tensor (the fake kernel promises that layout).
     """
     return (
-        _refresh(g, code, src, basis, rank, left, name, signs)
+        _refresh(g, code, src, basis, rank, left, name, signs, kind)
         .to(src.dtype)
         .clone(memory_format=torch.contiguous_format)
     )
@@ -100,7 +104,10 @@ def _refresh(
     left: bool,
     name: str,
     signs: str,
+    kind: str,
 ) -> torch.Tensor:
+    from lowrank_compile import projectors
+
     code, gid = code % _GROUP_STRIDE, code // _GROUP_STRIDE - 1
     if code == PASS:
         return src
@@ -109,16 +116,12 @@ def _refresh(
 
         g = dist.average_(g, gid)
     side: pm.Side = "left" if left else "right"
-    if basis.numel():  # dct: the best-aligned columns of the shared basis
-        if not torch.isfinite(g).all():
-            _FAILED[(name, src.data_ptr())] = "non-finite gradient"
-            return src
-        return pm.dct_indices(g, basis, rank, side)
+    proj = projectors.get(kind)
     try:
-        return pm.svd_projector(g, rank, side, signs)
+        return proj.choose(g, rank, side, signs, basis if basis.numel() else None)
     except (torch.linalg.LinAlgError, RuntimeError) as err:
         _FAILED[(name, src.data_ptr())] = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if code == REFRESH:
+        if code == REFRESH or proj.storage == "basis":  # a basis kind's columns are always usable
             return src
         return _fallback(g, rank, left)
 
@@ -133,11 +136,12 @@ def refresh_projector(
     left: bool,
     name: str,
     signs: str,
+    kind: str,
 ) -> torch.Tensor:
     """The op the backward graph calls; see the module docstring."""
-    return refresh_projector_ref(g, int(code.item()), src, basis, rank, left, name, signs)
+    return refresh_projector_ref(g, int(code.item()), src, basis, rank, left, name, signs, kind)
 
 
 @refresh_projector.register_fake
-def _(g, code, src, basis, rank, left, name, signs):  # noqa: ANN001, ANN202 (the op's signature)
+def _(g, code, src, basis, rank, left, name, signs, kind):  # noqa: ANN001, ANN202 (the op's signature)
     return src.new_empty(src.shape)

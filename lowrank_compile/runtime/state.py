@@ -29,10 +29,11 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lowrank_compile.config import SEEDED_PROJECTORS
+from lowrank_compile import projectors
 from lowrank_compile.config import LowRankConfig
 from lowrank_compile.plan import Kind
 from lowrank_compile.plan import ParamPlan
+from lowrank_compile.projectors.seeded import seed_key
 from lowrank_compile.runtime import projector as proj_math
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ class Projection:
     basis: torch.Tensor | None = None  # dct: the shared d x d basis
     index: torch.Tensor | None = None  # dct: the r chosen columns
     # sparse/gaussian: (1,) int64, the 32-bit key the projector is generated from
-    # (projector.seed_key(seed_base, refreshes)), a graph input; `seed_base` comes from the name.
+    # (projectors.seeded.seed_key(seed_base, refreshes)), a graph input; `seed_base` comes from the name.
     key: torch.Tensor | None = None
     seed_base: int = 0
     # projector_bits < 32 (runtime/projector_quant.py): the matrix as codes + per-group
@@ -114,6 +115,11 @@ class Projection:
         return self.updates >= self.next_refresh
 
     @property
+    def kind(self) -> projectors.Projector:
+        """The projector kind (`projector` option): how it is stored and refreshed."""
+        return projectors.get(self.method)
+
+    @property
     def seeded(self) -> bool:
         """True for the projectors that are regenerated from a key and never stored."""
         return self.key is not None
@@ -155,14 +161,12 @@ class Projection:
 
     def seeded_matrix(self, key: torch.Tensor) -> torch.Tensor:
         """The seeded projector for `key`, in the projector's dtype (`p`'s)."""
-        return proj_math.seeded_projector(
-            self.method, key, self.reduced, self.rank, min(self.shape), self.p.dtype
-        )
+        return self.kind.generate(key, self.reduced, self.rank, min(self.shape), self.p.dtype)
 
     def sync_key(self) -> None:
         """Point `key` at the projector of refresh number `refreshes` (seeded projectors)."""
         assert self.key is not None
-        self.key.fill_(proj_math.seed_key(self.seed_base, self.refreshes))
+        self.key.fill_(seed_key(self.seed_base, self.refreshes))
 
     def low_rank_shape(self) -> tuple[int, int]:
         """Shape of R."""
@@ -363,7 +367,7 @@ class ParamState:
         assert pj is not None
         if pj.omega is not None:
             return
-        k = proj_math.sketch_sizes(pj.rank, pj.reduced, pj.kept)
+        k = pj.kind.sketch_width(pj.rank, pj.reduced)
         dev, dt = self.view.device, self.view.dtype
         gen = torch.Generator(device="cpu").manual_seed(_seed(self.plan.name, pj.refreshes))
         omega = torch.randn(pj.kept, k, generator=gen)
@@ -449,7 +453,7 @@ class ParamState:
             return
         pj = self.proj
         pj.full = None
-        if pj.method != "randomized":
+        if pj.kind.refresh_from != "sketch":
             pj.r_acc = shared_scratch((0,), pj.r_acc.dtype, pj.r_acc.device)  # empty: no bytes
 
     def accumulate(self, g: torch.Tensor) -> None:
@@ -476,13 +480,13 @@ class ParamState:
             fresh = constant(g.device, self.fresh)
             # The consumers the compiled backward runs, called eagerly.
             if self.config.keeps_full_gradient or (
-                refreshing and pj.method != "randomized" and not pj.bwd_refreshed
+                refreshing and pj.kind.refresh_from == "gradient" and not pj.bwd_refreshed
             ):
                 consume_full(g, fresh, self.input_for("grad"))
                 consume_stats(g, fresh, pj.sq, pj.amax)
             else:
                 extra: list[torch.Tensor] = []
-                sketch = refreshing and pj.method == "randomized"
+                sketch = refreshing and pj.kind.refresh_from == "sketch"
                 if sketch:
                     self._ensure_sketch()
                     assert pj.omega is not None and pj.sketch_y is not None
@@ -502,7 +506,7 @@ class ParamState:
                     left=left,
                     sketch=sketch,
                     clip=clip is not None,
-                    orthonormal=not pj.seeded,
+                    orthonormal=pj.kind.orthonormal,
                 )
         self.fresh = False
         self.calls_since_zero += 1
@@ -625,19 +629,15 @@ def _make_projection(p: torch.Tensor, plan: ParamPlan, config: LowRankConfig) ->
     dev, dt = p.device, p.dtype
     basis = index = None
     key = None
-    if config.projector == "dct":
-        basis = proj_math.dct_basis(d, dt, dev)
-        index = torch.arange(r, device=dev)
-        pmat = torch.zeros(0, device=dev, dtype=dt)  # dct keeps indices only
-    elif config.projector in SEEDED_PROJECTORS:
+    kind = projectors.get(config.projector)
+    pmat = kind.initial(d, r, _seed(plan.name, -1), dev, dt)  # empty unless stored as a matrix
+    if kind.storage == "basis":
+        basis = kind.shared_basis(d, dt, dev)
+        index = torch.arange(r, device=dev)  # the first r columns until the first refresh
+    elif kind.storage == "seeded":
         key = torch.zeros(1, device=dev, dtype=torch.int64)
-        pmat = torch.zeros(0, device=dev, dtype=dt)  # regenerated from the key
-    elif config.projector == "randomized":
-        # Used for the first update only, while the first sketch is collected (see refresh.py).
-        pmat = proj_math.random_orthonormal(d, r, _seed(plan.name, -1), dev).to(dt)
-    else:
-        pmat = torch.zeros(d, r, device=dev, dtype=dt)
-    in_step = not config.update_in_backward or config.projector == "randomized"
+    # update_in_backward: R is a graph temporary unless the kind keeps it (a sketch's warm start).
+    in_step = not config.update_in_backward or kind.refresh_from == "sketch"
     pcodes = pqparams = None
     if config.projector_bits != 32:
         from lowrank_compile.runtime import projector_quant
