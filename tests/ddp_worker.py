@@ -190,23 +190,28 @@ def scenario_checkpoint(rank: int, out: str, resume: bool) -> None:
     torch.save(params, os.path.join(out, f"ckpt_{'resumed' if resume else 'full'}.{rank}.pt"))
 
 
+def _train_mlp_ddp(rank: int, options: dict, **adamw) -> MLP:
+    """MLP_STEPS plain steps of the MLP under DDP on this rank's shard; returns the local model."""
+    model = MLP()
+    ddp = DDP(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, **adamw)
+
+    @torch.compile(backend="lowrank", options=options)
+    def step_fn(x):
+        mlp_loss(ddp, x).backward()
+
+    for i in range(MLP_STEPS):
+        step_fn(shard(mlp_micro(i, 0), rank))
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
 def scenario_projector(rank: int, out: str, projector: str) -> None:
     """randomized / dct under DDP with optimize_ddp=False (one graph, real parameters) and check_ranks."""
     torch._dynamo.config.optimize_ddp = False
     try:
-        model = MLP()
-        ddp = DDP(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        options = {**MLP_OPTS, "projector": projector, "check_ranks": True}
-
-        @torch.compile(backend="lowrank", options=options)
-        def step_fn(x):
-            mlp_loss(ddp, x).backward()
-
-        for i in range(MLP_STEPS):
-            step_fn(shard(mlp_micro(i, 0), rank))
-            opt.step()
-            opt.zero_grad()
+        model = _train_mlp_ddp(rank, {**MLP_OPTS, "projector": projector, "check_ranks": True})
     finally:
         torch._dynamo.config.optimize_ddp = True
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -215,18 +220,8 @@ def scenario_projector(rank: int, out: str, projector: str) -> None:
 
 def scenario_method(rank: int, out: str, method: str) -> None:
     """A method other than GaLore under DDP (its update reads the averaged full gradient)."""
-    model = MLP()
-    ddp = DDP(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
-
-    @torch.compile(backend="lowrank", options={**MLP_OPTS, "method": method, "check_ranks": True})
-    def step_fn(x):
-        mlp_loss(ddp, x).backward()
-
-    for i in range(MLP_STEPS):
-        step_fn(shard(mlp_micro(i, 0), rank))
-        opt.step()
-        opt.zero_grad()
+    options = {**MLP_OPTS, "method": method, "check_ranks": True}
+    model = _train_mlp_ddp(rank, options, weight_decay=0.01)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     st = lookup(model.a.weight)
     report = {"params": params, "method": st.binding.method.name, "projector": st.proj.method}

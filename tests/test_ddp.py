@@ -186,6 +186,20 @@ def test_checkpoint_under_ddp_resumes_identically(runs):
     assert all(torch.equal(resumed[0][n], resumed[1][n]) for n in resumed[0])
 
 
+def _plain_mlp_reference(options: dict, **adamw) -> torch.nn.Module:
+    """Single process on the joint batch: what `ddp_worker._train_mlp_ddp` runs on each rank's shard."""
+    lowrank_compile.reset()
+    torch.manual_seed(0)
+    model = W.MLP()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, **adamw)
+    step_fn = torch.compile(lambda x: W.mlp_loss(model, x).backward(), backend="lowrank", options=options)
+    for i in range(W.MLP_STEPS):
+        step_fn(W.mlp_micro(i, 0))
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
 @pytest.mark.parametrize("projector", ["randomized", "dct"])
 def test_randomized_and_dct_under_ddp_without_ddp_optimizer(runs, projector):
     """optimize_ddp=False (one graph, real parameters) and check_ranks on every update.
@@ -194,19 +208,7 @@ def test_randomized_and_dct_under_ddp_without_ddp_optimizer(runs, projector):
     equal the single process on the joint batch; bound 1e-5 as above.
     """
     r0, r1 = runs(f"proj_{projector}")
-    lowrank_compile.reset()
-    torch.manual_seed(0)
-    model = W.MLP()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    step_fn = torch.compile(
-        lambda x: W.mlp_loss(model, x).backward(),
-        backend="lowrank",
-        options={**W.MLP_OPTS, "projector": projector},
-    )
-    for i in range(W.MLP_STEPS):
-        step_fn(W.mlp_micro(i, 0))
-        opt.step()
-        opt.zero_grad()
+    model = _plain_mlp_reference({**W.MLP_OPTS, "projector": projector})
     assert lookup(model.a.weight).projected and lookup(model.a.weight).proj.method == projector
     ref = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert all(torch.equal(r0[n], r1[n]) for n in ref)
@@ -220,17 +222,7 @@ def test_methods_under_ddp_equal_single_process(runs, method, projector):
     full gradient must give the single process's update on the joint batch. Bound 1e-5 as above
     (fp32 all-reduce order against the joint GEMM, through Adam's division by sqrt(v))."""
     r0, r1 = runs(f"method_{method}")
-    lowrank_compile.reset()
-    torch.manual_seed(0)
-    model = W.MLP()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
-    step_fn = torch.compile(
-        lambda x: W.mlp_loss(model, x).backward(), backend="lowrank", options={**W.MLP_OPTS, "method": method}
-    )
-    for i in range(W.MLP_STEPS):
-        step_fn(W.mlp_micro(i, 0))
-        opt.step()
-        opt.zero_grad()
+    model = _plain_mlp_reference({**W.MLP_OPTS, "method": method}, weight_decay=0.01)
     st = lookup(model.a.weight)
     assert st.projected and st.binding.method.name == method and st.proj.method == projector
     assert (r0["method"], r0["projector"]) == (method, projector)  # the ranks took it over too

@@ -102,23 +102,25 @@ class GradSlot:
             raise ValueError(f"GradSlot mode {self.mode!r} needs side and rank")
         if self.direct and (self.mode != "project" or self.clip_k or (self.stats and not self.update)):
             raise ValueError("GradSlot.direct needs mode 'project' without stats or clip sketch")
-        from lowrank_compile import projectors
-
-        projectors.get(self.projector)  # an unknown kind raises here, naming the known ones
+        _ = self.kind  # an unknown kind raises here, naming the known ones
 
     @property
-    def storage(self) -> str:
-        """How this slot's projector is kept: "matrix", "basis" or "seeded" (projectors.base)."""
+    def kind(self) -> Any:
+        """The projector kind (a `projectors.base.Projector`): its storage, orthonormality, generator."""
         from lowrank_compile import projectors
 
-        return projectors.get(self.projector).storage
+        return projectors.get(self.projector)
 
-    @property
-    def orthonormal(self) -> bool:
-        """The projector has orthonormal columns (projectors.base)."""
-        from lowrank_compile import projectors
+    def refresh_shapes(
+        self, d: int, r: int, dt: torch.dtype
+    ) -> tuple[tuple[int, ...], torch.dtype, tuple[int, ...]]:
+        """Refresh mode: (shape, dtype) of the projector the refresh op passes through, and `basis`'s shape.
 
-        return projectors.get(self.projector).orthonormal
+        A basis kind passes r column indices and its d x d basis; a matrix kind the d x r matrix.
+        """
+        if self.kind.storage == "basis":
+            return (r,), torch.int64, (d, d)
+        return (d, r), dt, (0,)
 
 
 # The consumers, as ordinary eager torch code. The pass traces them with make_fx under the
@@ -458,7 +460,7 @@ class ConsumeGradients(GraphPass):
 
         def projector_inputs(slot: GradSlot, d: int, r: int, short: int, dt: Any, dev: Any):
             """The placeholders the projector arrives in, and fn(g, *those) -> the d x r matrix."""
-            storage = slot.storage
+            storage = slot.kind.storage
             if storage == "basis":
                 pins = [
                     placeholder(slot, "basis", (d, d), dt, dev),
@@ -466,9 +468,7 @@ class ConsumeGradients(GraphPass):
                 ]
                 return pins, _gather_dct
             if storage == "seeded":
-                from lowrank_compile import projectors
-
-                gen_p = functools.partial(projectors.get(slot.projector).generate, d=d, r=r, short=short)
+                gen_p = functools.partial(slot.kind.generate, d=d, r=r, short=short)
                 return [placeholder(slot, "pkey", (1,), torch.int64, dev)], lambda g, key: gen_p(
                     key, dtype=g.dtype
                 )
@@ -515,11 +515,11 @@ class ConsumeGradients(GraphPass):
                 acc_dt = torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
                 ins: list[torch.fx.Node] = []
                 if slot.mode == "refresh":
-                    p_shape, p_dt = ((r,), torch.int64) if slot.storage == "basis" else ((d, r), dt)
+                    p_shape, p_dt, basis_shape = slot.refresh_shapes(d, r, dt)
                     ins = [
                         placeholder(slot, "refresh_code", (), torch.int64, dev),
                         placeholder(slot, "refresh_src", p_shape, p_dt, dev),
-                        placeholder(slot, "basis", (d, d) if slot.storage == "basis" else (0,), dt, dev),
+                        placeholder(slot, "basis", basis_shape, dt, dev),
                     ]
                     fn: Any = functools.partial(
                         update_refresh,
@@ -597,13 +597,13 @@ class ConsumeGradients(GraphPass):
                 d, e = (m, n) if left else (n, m)
                 acc_dt = torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
                 stat_dt = torch.float64 if dt == torch.float64 else torch.float32
-                p_shape, p_dt = ((r,), torch.int64) if slot.storage == "basis" else ((d, r), dt)
+                p_shape, p_dt, basis_shape = slot.refresh_shapes(d, r, dt)
                 args = [
                     grad,
                     placeholder(slot, "refresh_code", (), torch.int64, dev),
                     placeholder(slot, "refresh_src", p_shape, p_dt, dev),
                     placeholder(slot, "refresh_dst", p_shape, p_dt, dev),
-                    placeholder(slot, "basis", (d, d) if slot.storage == "basis" else (0,), dt, dev),
+                    placeholder(slot, "basis", basis_shape, dt, dev),
                     fresh,
                     placeholder(slot, "rgrad", (r, n) if left else (m, r), acc_dt, dev),
                     placeholder(slot, "sq", (), stat_dt, dev),
@@ -642,7 +642,7 @@ class ConsumeGradients(GraphPass):
                     left=left,
                     sketch=slot.mode == "sketch",
                     clip=slot.clip_k > 0,
-                    orthonormal=slot.orthonormal,
+                    orthonormal=slot.kind.orthonormal,
                     stats=slot.stats,
                 )
 
