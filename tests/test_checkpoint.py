@@ -60,8 +60,12 @@ def _worker(options: dict, out: Path, mode: str) -> dict:
         ),
         # The methods (lowrank_compile/methods): their own states resume too (Fira's and APOLLO's
         # limiter norm); FRUGAL restarts its states at the refreshes after the resume.
-        ({**PROJ8, "method": "fira"}, {"0.weight": "projected/Tensor+QState+QState+fira_residual_norm"}),
-        # ~60 s each: slow (CI time); Fira's and GradNormLoRP's cases run the same method-state paths.
+        # ~60 s each: slow (CI time); GradNormLoRP's case runs the same method-state paths.
+        pytest.param(
+            {**PROJ8, "method": "fira"},
+            {"0.weight": "projected/Tensor+QState+QState+fira_residual_norm"},
+            marks=pytest.mark.slow,
+        ),
         pytest.param(
             {**PROJ8, "method": "frugal"},
             {"0.weight": "projected/Tensor+QState+QState"},

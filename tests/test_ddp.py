@@ -1,7 +1,7 @@
 """DDP × 2 (gloo, CPU, one thread per rank) against single-process lowrank on the joint batch.
 
-The ranks run in `ddp_worker.py` (two `torch.multiprocessing.spawn` calls for the whole module:
-one for every scenario, one for the resumed checkpoint); the references run here.
+The ranks run in `ddp_worker.py` (one `torch.multiprocessing.spawn` per group of scenarios, see
+GROUPS); the references run here.
 """
 
 from __future__ import annotations
@@ -20,29 +20,43 @@ from lowrank_compile.runtime.state import lookup
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-FIRST = [
-    "llama8",
-    "llama32",
-    "accum_full",
-    "accum_default",
-    "ckpt_full",
-    "proj_randomized",
-    "proj_dct",
-    "method_apollo",
-    "method_gradnorm",
-    "scaler",
-    "diverged",
-    "in_backward",
-]
+# Scenario groups, each one `torch.multiprocessing.spawn` of 2 ranks, started when a test first
+# asks for one of its tags. "slow" holds the cases that re-run a path the default group already
+# covers with another option (32-bit states beside 8-bit ones, full accumulation buffers beside
+# projected ones, randomized beside dct, GradNormLoRP beside APOLLO): `make test-slow` runs them.
+# "resumed" loads the checkpoint that "ckpt_full" in the default group saved.
+GROUPS = {
+    "default": [
+        "llama8",
+        "accum_default",
+        "ckpt_full",
+        "proj_dct",
+        "method_apollo",
+        "scaler",
+        "diverged",
+        "in_backward",
+    ],
+    "resumed": ["ckpt_resumed"],
+    "slow": ["llama32", "accum_full", "proj_randomized", "method_gradnorm"],
+}
+AFTER = {"resumed": "default"}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ddp"))
-    mp.spawn(W.run, args=(os.path.join(out, "store1"), out, FIRST), nprocs=W.WORLD)
-    mp.spawn(W.run, args=(os.path.join(out, "store2"), out, ["ckpt_resumed"]), nprocs=W.WORLD)
+    spawned: set[str] = set()
+
+    def spawn(group: str) -> None:
+        if group in spawned:
+            return
+        if group in AFTER:
+            spawn(AFTER[group])
+        mp.spawn(W.run, args=(os.path.join(out, f"store_{group}"), out, GROUPS[group]), nprocs=W.WORLD)
+        spawned.add(group)
 
     def load(tag: str) -> list:
+        spawn(next(g for g, tags in GROUPS.items() if tag in tags))
         return [torch.load(os.path.join(out, f"{tag}.{r}.pt"), weights_only=False) for r in range(W.WORLD)]
 
     return load
@@ -76,7 +90,7 @@ def _llama_reference(bits: int) -> dict:
 # sensitivity at the rank boundary: measured 6.3e-6. 8-bit states add code flips where the rounding
 # moves a value across a quantization threshold (one code step, ~1-5% of that element's state):
 # measured 1.4e-5, bound 5e-5.
-@pytest.mark.parametrize("bits, tol", [(32, 1e-5), (8, 5e-5)])
+@pytest.mark.parametrize("bits, tol", [pytest.param(32, 1e-5, marks=pytest.mark.slow), (8, 5e-5)])
 def test_llama_ddp_equals_single_process_and_takes_over(runs, bits, tol):
     ranks = runs(f"llama{bits}")
     r0, r1 = ranks
@@ -139,6 +153,7 @@ def _mlp_reference(options: dict, clip: float, micro_calls: int) -> tuple[dict, 
     return {n: p.detach().clone() for n, p in model.named_parameters()}, norms, exact
 
 
+@pytest.mark.slow
 def test_no_sync_accumulation_and_clipping_with_full_buffers_equal_single_process(runs):
     """grad_accumulation="full": DDP averages full-size buffers, so clipping is exact.
 
@@ -200,7 +215,7 @@ def _plain_mlp_reference(options: dict, **adamw) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("projector", ["randomized", "dct"])
+@pytest.mark.parametrize("projector", [pytest.param("randomized", marks=pytest.mark.slow), "dct"])
 def test_randomized_and_dct_under_ddp_without_ddp_optimizer(runs, projector):
     """optimize_ddp=False (one graph, real parameters) and check_ranks on every update.
 
@@ -215,7 +230,9 @@ def test_randomized_and_dct_under_ddp_without_ddp_optimizer(runs, projector):
     assert _rel(r0, ref) <= 1e-5
 
 
-@pytest.mark.parametrize("method, projector", [("apollo", "gaussian"), ("gradnorm", "svd")])
+@pytest.mark.parametrize(
+    "method, projector", [("apollo", "gaussian"), pytest.param("gradnorm", "svd", marks=pytest.mark.slow)]
+)
 def test_methods_under_ddp_equal_single_process(runs, method, projector):
     """APOLLO (a seeded projector; the update reads G) and GradNormLoRP (per-row magnitudes, the
     refresh from the direction's gradient) with DDP's default graph splitting: the ranks' averaged

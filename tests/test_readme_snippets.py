@@ -47,4 +47,11 @@ def test_snippet_runs_and_takes_over(name, tmp_path, monkeypatch):
     # The layer's q, k, v, o, gate, up and down matrices (short sides >= min_dim=32) are projected.
     assert len(projected) == 7, [st.plan.name for st in projected]
     assert all(st.rounds >= 1 for st in projected)  # the backend's update ran for each
+    # Every snippet clips after accumulating micro-batches: the clip that ran (the framework's own
+    # code path) counted each projected matrix, whose norm is then estimated from the sketch. A
+    # framework that computes the norm from p.grad alone (accelerate >= 1.16 does) would leave
+    # them out: report None or `estimated` empty.
+    report = lowrank_compile.clip_report()
+    assert report is not None
+    assert set(report.estimated) == {st.plan.name for st in projected}
     lowrank_compile.reset()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -58,7 +59,10 @@ def test_rmsprop_compiles_warns_once_and_matches_eager():
         ({"include": [3]}, "option 'include': got [3]"),
         (
             {"rnak": 8},
-            "unknown lowrank option 'rnak' (did you mean 'rank'?); accepted options: rank, update_gap",
+            # The message names every accepted option (the README's table order), the
+            # option the user most likely meant first in the hint.
+            "unknown lowrank option 'rnak' (did you mean 'rank'?); accepted options: method, rank, "
+            "update_gap, scale,",
         ),
     ],
 )
@@ -69,6 +73,12 @@ def test_bad_option_raises_documented_error_through_torch_compile(options, needl
     with pytest.raises(lowrank_compile.LowRankOptionError) as info:
         step(mlp_batch(0))
     assert needle in str(info.value)
+    if "unknown lowrank option" in needle:
+        from lowrank_compile.config import LowRankConfig
+
+        listed = str(info.value).split("accepted options: ", 1)[1].splitlines()[0]
+        accepted = listed.split(", ")
+        assert sorted(accepted) == sorted(f.name for f in dataclasses.fields(LowRankConfig))
     # Dynamo did not wrap it: the user sees our error, not BackendCompilerFailed.
     assert "BackendCompilerFailed" not in type(info.value).__name__
     assert isinstance(info.value, ValueError)

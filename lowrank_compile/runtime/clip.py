@@ -5,7 +5,10 @@ parameters, so on its own it would clip with the norm of the remaining parameter
 optimizer is bound, the backend redirects `clip_grad_norm_` and `clip_grad_value_` to the functions
 below. It does so by swapping the function inside torch's `_no_grad` wrapper, so every reference
 is covered, `from torch.nn.utils import clip_grad_norm_` included. When no taken-over parameter
-is in the arguments, the original runs unchanged.
+is in the arguments, the original runs unchanged. accelerate >= 1.16 (HF Trainer's clip) computes
+the norm itself from `p.grad` (`get_total_norm` + `clip_grads_with_norm_`), which would leave the
+taken-over parameters out of both the norm and the clip; so, when accelerate is loaded,
+`Accelerator.clip_grad_norm_` is wrapped too (`_install_accelerate`).
 
 Norm of a taken-over parameter's full gradient:
 - full-rank parameter, or projected one whose full gradient is being accumulated
@@ -60,6 +63,7 @@ def install() -> None:
 
     from lowrank_compile import _compat
 
+    _install_accelerate()
     for name, ours in (("clip_grad_norm_", clip_grad_norm_), ("clip_grad_value_", clip_grad_value_)):
         if name in _ORIGINALS:
             continue
@@ -75,9 +79,53 @@ def install() -> None:
         cell.cell_contents = _compat.dynamo_disable(ours)
 
 
+_METHODS: dict[str, tuple[type, Callable[..., Any]]] = {}
+
+# accelerate's distributed types whose clip is not accelerate's own norm over `p.grad`: FSDP and
+# DeepSpeed clip inside the engine, XLA reduces first. Their path runs unchanged.
+_ACCELERATE_OWN_PATH = ("FSDP", "DEEPSPEED", "XLA")
+
+
+def _install_accelerate() -> None:
+    """Route `Accelerator.clip_grad_norm_` over taken-over parameters to `clip_grad_norm_` below.
+
+    Only when accelerate is already imported (the backend never imports it). The wrapper unscales
+    as accelerate does, then clips with the backend-aware norm; without taken-over parameters, or
+    under an engine that clips itself, accelerate's own method runs.
+    """
+    import sys
+
+    mod = sys.modules.get("accelerate.accelerator")
+    if mod is None or "accelerate" in _METHODS:
+        return
+    cls = mod.Accelerator
+    orig = cls.clip_grad_norm_
+
+    def accelerate_clip_grad_norm_(self: Any, parameters: Any, max_norm: float, norm_type: float = 2) -> Any:
+        from lowrank_compile.runtime.state import lookup
+
+        params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        kind = getattr(self.distributed_type, "name", str(self.distributed_type))
+        if kind in _ACCELERATE_OWN_PATH or all(lookup(p) is None for p in params):
+            return orig(self, params, max_norm, norm_type)
+        self.unscale_gradients()
+        return clip_grad_norm_(params, max_norm, norm_type)
+
+    accelerate_clip_grad_norm_.__doc__ = orig.__doc__
+    accelerate_clip_grad_norm_.__wrapped__ = orig  # type: ignore[attr-defined]
+    _METHODS["accelerate"] = (cls, orig)
+    cls.clip_grad_norm_ = accelerate_clip_grad_norm_
+
+
 def uninstall() -> None:
-    """Restore torch's own clip functions."""
+    """Restore torch's own clip functions (and accelerate's method); forget the last report."""
     import torch.nn.utils.clip_grad as cg
+
+    _LAST.clear()
+
+    for key, (cls, method) in list(_METHODS.items()):
+        cls.clip_grad_norm_ = method  # type: ignore[attr-defined]
+        del _METHODS[key]
 
     for name, (cell, orig) in list(_ORIGINALS.items()):
         if cell is None:
