@@ -170,3 +170,38 @@ def test_accelerate_grad_scaler_step_restoring_inner_step_keeps_the_binding():
     assert st is not None and st.binding.opt is inner and st.rounds == 4  # four backend updates
     err, where = worst_rel_err(model, ref)
     assert err <= 1e-5, (err, where)
+
+
+def test_accelerator_clip_counts_taken_over_parameters_and_reset_restores_it():
+    """accelerate >= 1.16 sums `get_total_norm` over `p.grad` itself; taken-over parameters have none.
+
+    One backward call, so the backend's norm is exact: it must equal the eager norm of the same
+    gradient (fp32 rounding of two sums of squares in another order: measured ~1e-7, bound 1e-5),
+    and the clip must scale the projected gradient the step then reads.
+    """
+    import lowrank_compile
+    from accelerate import Accelerator
+
+    original = Accelerator.clip_grad_norm_
+    base = wide_mlp()
+    eager = copy.deepcopy(base)
+    mlp_loss(eager, mlp_batch(0)).backward()
+    exact = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in eager.parameters()]))
+
+    model = copy.deepcopy(base)
+    accelerator = Accelerator(cpu=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    forward = torch.compile(lambda x: mlp_loss(model, x), backend="lowrank", options=OPTIONS)
+    forward(mlp_batch(0)).backward()
+    assert lookup(model[2].weight).proj is not None and model[2].weight.grad is None  # held by the backend
+    assert Accelerator.clip_grad_norm_ is not original  # wrapped while the optimizer is bound
+    norm = accelerator.clip_grad_norm_(model.parameters(), 0.5 * float(exact))
+    assert float(norm) == pytest.approx(float(exact), rel=1e-5)
+    report = lowrank_compile.clip_report()
+    assert report is not None and report.norm == pytest.approx(float(exact), rel=1e-5)
+    # The clip scaled the backend's accumulators: the projected gradient's norm is now halved.
+    st = lookup(model[2].weight)
+    assert float(st.proj.sq.sqrt()) == pytest.approx(float(eager[2].weight.grad.norm()) * 0.5, rel=1e-4)
+    opt.step()
+    lowrank_compile.reset()
+    assert Accelerator.clip_grad_norm_ is original
