@@ -179,8 +179,9 @@ def test_accelerator_clip_counts_taken_over_parameters_and_reset_restores_it():
     gradient (fp32 rounding of two sums of squares in another order: measured ~1e-7, bound 1e-5),
     and the clip must scale the projected gradient the step then reads.
     """
-    import lowrank_compile
     from accelerate import Accelerator
+
+    import lowrank_compile
 
     original = Accelerator.clip_grad_norm_
     base = wide_mlp()
