@@ -23,6 +23,7 @@ from torch._inductor.compile_fx import compile_fx_inner
 __all__ = [
     "allocation_events",
     "before_ddp_split",
+    "checkpoint_side_effect_breaks",
     "compile_wrapper_target",
     "compile_fx",
     "compile_fx_inner",
@@ -198,6 +199,24 @@ def compile_wrapper_target(fn: Any) -> tuple[Any, dict[str, Any]]:
 def dynamo_disable(fn: Callable[..., Any]) -> Callable[..., Any]:
     """`torch._dynamo.disable`: Dynamo neither traces `fn` nor anything it calls."""
     return torch._dynamo.disable(fn, recursive=True)
+
+
+# The Dynamo flag that lets a checkpointed region with Python side effects compile (the side
+# effects then run once in the forward, not again in the recomputation).
+CHECKPOINT_SIDE_EFFECTS_FLAG = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+
+
+def checkpoint_side_effect_breaks() -> list[str]:
+    """Dynamo's recorded graph breaks that ran an activation-checkpointed region eagerly.
+
+    Dynamo cannot compile a checkpoint body that mutates Python state from outside it unless
+    `torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint` is set; it then breaks
+    the graph and runs the whole region eagerly. Returns the reasons (each break's text) of such
+    breaks seen so far in this process; empty when the flag is already set.
+    """
+    if getattr(torch._dynamo.config, CHECKPOINT_SIDE_EFFECTS_FLAG, True):
+        return []
+    return [k for k in counters["graph_break"] if CHECKPOINT_SIDE_EFFECTS_FLAG in k]
 
 
 _UNWRAPPED_TYPES: dict[type, type[BaseException]] = {}

@@ -231,7 +231,9 @@ class LowRankBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
         """Compile one Dynamo graph (see the module docstring)."""
         from lowrank_compile import _compat
+        from lowrank_compile.runtime import torch_hooks
 
+        torch_hooks.install()  # its step pre-hook says when a graph break hid matrices from the plan
         param_indices = [i for i, x in enumerate(example_inputs) if isinstance(x, nn.Parameter)]
         record = GraphRecord(len(self.graphs), len(example_inputs), param_indices, {})
         compiled = self._compile(gm, example_inputs, record, _compat)

@@ -14,7 +14,8 @@ Categories (bytes):
   R-shaped parameter is made inside the update's graph and stores nothing);
 - activations: tensors autograd saves for backward (excluding parameters) in one forward, from a
   forward run under FakeTensorMode, so nothing is allocated. This is eager's count; Inductor's
-  partitioner may save a little less or recompute.
+  partitioner makes its own choice (it recomputes some tensors and may keep others, such as fp32
+  upcasts, that eager frees), so a compiled run can hold more or less.
 
 Nothing here imports triton or touches CUDA.
 """

@@ -101,8 +101,13 @@ OPTIMIZERS = {
 }
 
 
-# Two of the four (kind, rule) pairs: each compiles its own backward and update (~80 s on 2 cores).
-@pytest.mark.parametrize("kind, rule", [("sparse", "adamw"), ("gaussian", "sgd")])
+# Two of the four (kind, rule) pairs: each compiles its own backward and update (~70 s cold on 2
+# cores). gaussian-sgd is `slow`; the gaussian projector's entries and generator tests above and its
+# compiled clip-after-accumulation run below stay in the default suite, and sparse-adamw runs this
+# training comparison there.
+@pytest.mark.parametrize(
+    "kind, rule", [("sparse", "adamw"), pytest.param("gaussian", "sgd", marks=pytest.mark.slow)]
+)
 def test_training_matches_the_galore_reference_with_the_same_projectors(kind, rule, monkeypatch):
     roles = input_roles(monkeypatch)
     make, ref_rule = OPTIMIZERS[rule]

@@ -1,6 +1,6 @@
 """Entry points of torch that must see the gradients the backend holds.
 
-Installed while any optimizer is bound (`OptimizerBinding.install`), removed by
+Installed once the backend compiles a graph (and by `OptimizerBinding.install`), removed by
 `lowrank_compile.reset()`:
 
 - `nn.Module.zero_grad`: `model.zero_grad()` resets the `.grad` of the module's parameters.
@@ -15,10 +15,14 @@ Installed while any optimizer is bound (`OptimizerBinding.install`), removed by
   Once the old optimizer is gone, the new one takes the parameter over with fresh optimizer
   states, as a new torch.optim optimizer starts from empty states. While the old one still
   holds the parameter too, it raises `LowRankUsageError`.
+  The same hook says (once per optimizer) when matrices it steps have gradients but reached no
+  graph the backend compiled: code Dynamo ran eagerly after a graph break trained them, so
+  torch.optim keeps their full-size states (see `_warn_untraced`).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -26,6 +30,7 @@ import torch
 __all__ = ["install", "uninstall"]
 
 _ORIGINALS: dict[str, Any] = {}
+_UNTRACED_SAID: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 
 
 def _module_zero_grad(self: torch.nn.Module, set_to_none: bool = True) -> None:
@@ -86,9 +91,62 @@ def _holds(opt: torch.optim.Optimizer, p: torch.Tensor) -> bool:
     return any(q is p for g in opt.param_groups for q in g["params"])
 
 
+def _warn_untraced(opt: torch.optim.Optimizer) -> None:
+    """Warn once per optimizer that trains planned parameters and matrices no graph planned.
+
+    A matrix with a gradient that no compiled graph planned was trained by code Dynamo ran
+    eagerly (a graph break, e.g. a checkpointed region whose forward mutates Python state): the
+    plan never saw it, torch.optim keeps its full-size states. Silent, that looks like a working
+    backend that saves nothing. Names are the optimizer's (group, index): no graph gave one.
+    """
+    from lowrank_compile.runtime.state import decided
+
+    if opt in _UNTRACED_SAID:
+        return
+    missed, planned = [], False
+    for gi, group in enumerate(opt.param_groups):
+        for i, p in enumerate(group["params"]):
+            if decided(p) is not None:
+                planned = True
+            elif p.grad is not None and p.dim() >= 2:
+                missed.append(f"param_groups[{gi}][{i}] {tuple(p.shape)}")
+    # Only for an optimizer of a model the backend compiled (some parameter planned): another
+    # optimizer in the process (an eager baseline, a model compiled by Inductor) is not its own.
+    if not missed or not planned:
+        return
+    _UNTRACED_SAID.add(opt)
+    from lowrank_compile import _compat
+    from lowrank_compile.backend import _shown
+    from lowrank_compile.backend import warn_once
+
+    msg = (
+        f"lowrank: {len(missed)} matrices of this {type(opt).__name__} ({_shown(missed)}) received "
+        "gradients from code that no graph compiled by the backend covered (Dynamo ran it eagerly "
+        "after a graph break): they train with torch.optim at full size, neither projected nor "
+        "quantized. TORCH_LOGS=graph_breaks, or `python -m lowrank_compile.cli`, shows where."
+    )
+    breaks = _compat.checkpoint_side_effect_breaks()
+    if breaks:
+        culprit = (
+            " (transformers >= 5.25 wraps its attention in the `kernels` package's context variable, "
+            "which does this to every checkpointed decoder layer)"
+            if any("CompileableContextVar" in b for b in breaks)
+            else ""
+        )
+        msg += (
+            " Dynamo ran an activation-checkpointed region eagerly because its forward mutates "
+            f"Python state{culprit}; set `torch._dynamo.config.{_compat.CHECKPOINT_SIDE_EFFECTS_FLAG}"
+            " = True` before the first compiled step to compile it (the side effect then runs once, "
+            "not again in the recomputation)."
+        )
+    warn_once(msg)
+
+
 def _optimizer_pre_hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     from lowrank_compile.discovery import wrapped_optimizers
     from lowrank_compile.runtime.state import lookup
+
+    _warn_untraced(opt)
 
     strays = []
     inner: set[int] | None = None
@@ -238,3 +296,4 @@ def uninstall() -> None:
         GradScaler._unscale_grads_ = _ORIGINALS.pop("_unscale_grads_")  # type: ignore[method-assign]
     if "pre_hook" in _ORIGINALS:
         _ORIGINALS.pop("pre_hook").remove()
+    _UNTRACED_SAID.clear()
