@@ -201,6 +201,16 @@ def dynamo_disable(fn: Callable[..., Any]) -> Callable[..., Any]:
     return torch._dynamo.disable(fn, recursive=True)
 
 
+# Why the integer hashes (quant.uniform_hash, quant.stochastic_round_bf16, the seeded projectors)
+# add a zero read from a tensor to their iota: Inductor's index propagation folds `arange * C`
+# into one index expression, and torch 2.11 prints index expressions in the kernel's int32
+# index type, so on Triton a 32-bit constant C such as 0x9E3779B1 fails to compile ("Scalar
+# 2654435761 is out of range for type int32"; seen on the GPU machine, torch 2.11 + triton 3.6,
+# 2026-12-04). torch 2.13 emits such values through value_expr in int64. A loaded value ends the
+# folding on every version, and the numbers stay the same.
+HASH_INDEX_NOTE = "iota + a zero read from a tensor: no int32 index expression on Triton"
+
+
 # The Dynamo flag that lets a checkpointed region with Python side effects compile (the side
 # effects then run once in the forward, not again in the recomputation).
 CHECKPOINT_SIDE_EFFECTS_FLAG = "skip_fwd_side_effects_in_bwd_under_checkpoint"

@@ -37,6 +37,7 @@ STATE_BITS = (32, 8)
 PROJECTOR_BITS = (32, 16, 8, 4)  # runtime/projector_quant.py
 GRAD_ACCUMULATION = ("projected", "full")
 CLIP_STATS = ("auto", "always")  # backend.py: the "lean" backward variant
+UPDATE_KERNELS = ("auto", "inductor")  # runtime/binding.py: `_kernel_update`
 SVD_SIGNS = ("canonical", "lapack")  # projectors/svd.py: svd_projector's `signs`
 # One file each under lowrank_compile/methods/ (the registry there must list the same names).
 METHODS = ("galore", "fira", "frugal", "apollo", "apollo-mini", "gradnorm")
@@ -155,6 +156,12 @@ OPTION_DOCS: dict[str, tuple[str, str]] = {
         "32 | 8",
         "storage of the optimizer states the backend owns: 8 = block-wise 8-bit (tensors of >= 4096 values)",
     ),
+    "update_kernel": (
+        " | ".join(UPDATE_KERNELS),
+        "what runs the update of a full-rank AdamW parameter with 8-bit states: auto = the fused Triton "
+        "kernel where it applies (CUDA tensors; amsgrad and maximize off, no stochastic rounding), the "
+        "Inductor-compiled update elsewhere; inductor = the compiled update everywhere",
+    ),
     "stochastic_rounding": (
         "bool",
         "bf16 parameters: round each updated weight to bf16 stochastically (unbiased: an update below half a "
@@ -203,6 +210,7 @@ class LowRankConfig:
     clip_stats: str = "auto"
     check_ranks: bool = False
     state_bits: int = 8
+    update_kernel: str = "auto"
     stochastic_rounding: bool = False
     update_in_backward: bool = False
     min_dim: int = 32
@@ -340,6 +348,8 @@ def _validate(cfg: LowRankConfig) -> None:
         raise _fail("clip_stats", cfg.clip_stats)
     if cfg.state_bits not in STATE_BITS or not _is_int(cfg.state_bits):
         raise _fail("state_bits", cfg.state_bits)
+    if cfg.update_kernel not in UPDATE_KERNELS:
+        raise _fail("update_kernel", cfg.update_kernel)
     if not _is_int(cfg.min_dim) or cfg.min_dim < 1:
         raise _fail("min_dim", cfg.min_dim)
     for name in ("include", "exclude"):

@@ -44,13 +44,24 @@ def test_frozen():
 
 
 @pytest.mark.parametrize(
-    "bad", [{"state_bits": 16}, {"rank": 0}, {"rank": 0.0}, {"scale": -1.0}, {"inductor": 3}, {"exclude": ""}]
+    "bad",
+    [
+        {"state_bits": 16},
+        {"rank": 0},
+        {"rank": 0.0},
+        {"scale": -1.0},
+        {"inductor": 3},
+        {"exclude": ""},
+        {"update_kernel": "triton"},
+    ],
 )
 def test_bad_values(bad):
     with pytest.raises(LowRankOptionError) as info:
         parse_options(bad)
     (name,) = bad
     assert repr(name) in str(info.value)
+    if name == "update_kernel":  # the accepted values are named
+        assert "auto | inductor" in str(info.value)
 
 
 def test_non_mapping_options():

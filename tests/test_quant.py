@@ -232,3 +232,46 @@ def test_settle_decays_to_exactly_zero_at_the_rules_rate():
         assert (stick[0, 1:] != 0).all() and (settled[0, 1:] == 0).all(), beta
         # 255 elements: the mean after one half-life is within 10% of 1.5e-3.
         assert half is not None and abs(half - 1.5e-3) <= 1.5e-4, (beta, half)
+
+
+def _hash_graphs():
+    from lowrank_compile.projectors.seeded import element_hash
+
+    salt, key = torch.tensor([7]), torch.tensor(12345, dtype=torch.int64)
+    x = torch.randn(3, 256)
+    return {
+        "uniform_hash": (lambda s: quant.uniform_hash((3, 256), s, torch.device("cpu")), (salt,)),
+        "stochastic_round_bf16": (lambda v, s: quant.stochastic_round_bf16(v, s), (x, salt)),
+        "element_hash": (lambda k: element_hash(k, 24, 5), (key,)),
+    }
+
+
+@pytest.mark.parametrize("name", ["uniform_hash", "stochastic_round_bf16", "element_hash"])
+def test_hash_iota_is_offset_by_a_tensor_before_its_32bit_multiply(name):
+    """The iota of every integer hash is added to a value read from a tensor before anything else.
+
+    Without it, torch 2.11's Inductor folds `arange * 0x9E3779B1` into an int32 index expression
+    that Triton refuses to compile (seen on an H200: "Scalar 2654435761 is out of range for type
+    int32", `_compat.HASH_INDEX_NOTE`). CPU codegen compiles either form, so this reads the graph.
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    fn, args = _hash_graphs()[name]
+    gm = make_fx(fn)(*args)
+    iotas = [n for n in gm.graph.nodes if n.op == "call_function" and "arange" in str(n.target)]
+    assert iotas, gm.code
+    for n in iotas:
+        users = list(n.users)
+        assert len(users) == 1 and "add" in str(users[0].target), (name, gm.code)
+        others = [a for a in users[0].args if a is not n]
+        assert others and all(isinstance(a, torch.fx.Node) for a in others), (name, gm.code)
+    # ... and the numbers are the hash's: one value recomputed by hand (uniform_hash, element 5).
+    if name == "uniform_hash":
+        m = 0xFFFFFFFF
+        h = (5 * 0x9E3779B1 + 7 * 0x85EBCA77 + 0x165667B1) & m
+        h ^= h >> 15
+        h = (h * 0x2C1B3C6D) & m
+        h ^= h >> 12
+        h = (h * 0x297A2D39) & m
+        h ^= h >> 15
+        assert fn(*args).view(-1)[5].item() == (h >> 8) / (1 << 24)

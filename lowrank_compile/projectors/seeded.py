@@ -51,7 +51,9 @@ def element_hash(key: torch.Tensor, d: int, r: int, stream: int = 0) -> torch.Te
     Each stream hashes the index itself (chaining streams through the first hash made Inductor's
     compile of the kernel 4x slower per stream).
     """
-    idx = torch.arange(d * r, device=key.device, dtype=torch.int64).view(d, r)
+    k = key.view(())
+    # + (k ^ k): a zero read from a tensor, so the index is not a pure iota (_compat.HASH_INDEX_NOTE)
+    idx = (torch.arange(d * r, device=key.device, dtype=torch.int64) + (k ^ k)).view(d, r)
     return mix32(((idx * 0x9E3779B1 + stream * 0x632BE5AB) & MASK32) ^ key.view(()))
 
 

@@ -30,6 +30,7 @@ schedulers that change lr, betas, momentum or weight decay cause no recompiles.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -59,6 +60,11 @@ from lowrank_compile.runtime.state import compute_dtype
 __all__ = ["OptimizerBinding", "binding_of"]
 
 _ATTR = "_lowrank_binding"
+# Updates run by the fused Triton 8-bit AdamW kernel, by parameter name (`_kernel_update`; what
+# tests read to prove the kernel ran).
+KERNEL_UPDATES: collections.Counter[str] = collections.Counter()
+# The AdamW states the kernel reads and writes (torch.optim.AdamW's keys, amsgrad off).
+_ADAMW_KEYS = {"step", "exp_avg", "exp_avg_sq"}
 _ids = itertools.count()
 
 
@@ -74,6 +80,7 @@ class _Item:
     wd_t: torch.Tensor | None = None  # (1,) float64: `wd` as the compiled update reads it
     first: bool = True  # the next update is the parameter's first (the rule's `first` runs)
     active: bool = False  # it has a gradient this step
+    kstep: int | None = None  # the Triton kernel's host copy of the step counter (`_kernel_update`)
 
 
 def binding_of(opt: torch.optim.Optimizer) -> OptimizerBinding | None:
@@ -778,6 +785,10 @@ class OptimizerBinding:
                 self._run_item(it)
 
     def _run_item(self, it: _Item) -> None:
+        if self._kernel_update(it):
+            it.st.rounds += 1
+            it.st.stepped = True
+            return
         sig, args = self._call(it)
         pieces, between = _pieces(sig, args)
         for i, piece in enumerate(pieces):
@@ -787,6 +798,55 @@ class OptimizerBinding:
             self._fn((sig, shapes))(sig, *piece)
         it.st.rounds += 1
         it.st.stepped = True
+
+    def _kernel_update(self, it: _Item) -> bool:
+        """Run item `it`'s update with the fused Triton 8-bit AdamW kernel where it applies.
+
+        Returns False (and does nothing) unless `update_kernel="auto"`, the optimizer is exactly
+        torch.optim.AdamW with amsgrad and maximize off, the parameter is full-rank with 8-bit
+        moments and no stochastic rounding, and `adamw8bit_applicable` accepts the tensors (CUDA,
+        or the Triton interpreter). The kernel computes `_update_one`'s update for such an item
+        (tests/interp holds the two side by side) in one launch, with the step counter kept on
+        the host: read once per build, then counted here, so no update syncs with the device.
+        """
+        st = it.st
+        if self.config.update_kernel != "auto" or st.proj is not None or it.first or not self._decoupled:
+            return False
+        if type(self.opt) is not torch.optim.AdamW or self.config.stochastic_rounding:
+            return False
+        group = self.opt.param_groups[st.group]
+        ostate = st.ostate or {}
+        if group.get("amsgrad") or group.get("maximize") or set(ostate) != _ADAMW_KEYS:
+            return False
+        m, v, grad = ostate["exp_avg"], ostate["exp_avg_sq"], st.grad
+        if not isinstance(m, quant.QState) or not isinstance(v, quant.QState) or grad is None:
+            return False
+        from lowrank_compile.runtime.kernels.adamw8bit import adamw8bit_applicable
+        from lowrank_compile.runtime.kernels.adamw8bit import adamw8bit_update
+
+        if not adamw8bit_applicable(st.view, grad, m, v):
+            return False
+        counter = ostate["step"]
+        if it.kstep is None:
+            it.kstep = int(counter.item())  # once per build (one sync)
+        it.kstep += 1
+        b1, b2 = group["betas"]
+        adamw8bit_update(
+            st.view,
+            grad,
+            m,
+            v,
+            step=it.kstep,
+            lr=float(group["lr"]),
+            beta1=float(b1),
+            beta2=float(b2),
+            eps=float(group["eps"]),
+            weight_decay=it.wd,
+            salt=st.rounds,
+        )
+        counter.fill_(it.kstep)
+        KERNEL_UPDATES[st.plan.name] += 1
+        return True
 
     def _call(self, it: _Item) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         """The `sig` of item `it` and the tensors `_update_one` takes for it."""

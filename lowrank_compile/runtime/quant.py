@@ -309,9 +309,12 @@ def _salt_parts(salt: torch.Tensor) -> tuple[torch.Tensor, Any]:
 
     The offset is the index of the tensor's first element in the whole parameter, so a large
     update run in pieces draws the numbers the whole tensor would (`binding._pieces`).
+    The offset is always a tensor, a zero read from the salt when there is none: see
+    `_compat.HASH_INDEX_NOTE` (torch 2.11's Inductor fails on Triton when the index of the hash
+    is a pure iota).
     """
     s = salt.to(torch.int64).view(-1)
-    return s[0], (s[1] if s.numel() > 1 else 0)
+    return s[0], (s[1] if s.numel() > 1 else s[0] ^ s[0])
 
 
 def uniform_hash(shape: tuple[int, int], salt: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -47,7 +47,9 @@ def _kernel() -> Any:
         return _KERNEL
     triton, tl = _triton()
 
-    @triton.jit
+    # Triton makes an int argument equal to 1 a constexpr (a Python int, with no .to()): salt is
+    # 1 at the first update, so it is never specialised (seen on the GPU machine, triton 3.6).
+    @triton.jit(do_not_specialize=["salt"])
     def _adamw8bit_kernel(
         p_ptr,
         g_ptr,
