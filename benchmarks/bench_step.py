@@ -52,9 +52,8 @@ CONTENDERS: dict[str, tuple[str | None, dict | None, dict]] = {
 }
 
 
-def make_step(name: str, model: torch.nn.Module):
-    backend, options, kw = CONTENDERS[name]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, **kw)
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, backend: str | None, options: dict | None):
+    """The causal-LM training step (forward, backward, step, zero_grad), compiled by `backend` if any."""
 
     def step(ids):
         loss = model(input_ids=ids, labels=ids).loss
@@ -64,10 +63,16 @@ def make_step(name: str, model: torch.nn.Module):
         return loss.detach()
 
     if backend == "inductor":
-        step = torch.compile(step, backend="inductor")
-    elif backend == "lowrank":
-        step = torch.compile(step, backend="lowrank", options=options)
-    return step, opt
+        return torch.compile(step, backend="inductor")
+    if backend == "lowrank":
+        return torch.compile(step, backend="lowrank", options=options)
+    return step
+
+
+def make_step(name: str, model: torch.nn.Module):
+    backend, options, kw = CONTENDERS[name]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, **kw)
+    return train_step(model, opt, backend, options), opt
 
 
 def main(argv=None):

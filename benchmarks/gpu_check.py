@@ -41,6 +41,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from bench_step import train_step  # noqa: E402
+from helpers import worst_rel_err  # noqa: E402
+
 import lowrank_compile  # noqa: E402
 
 REPORT: list[str] = []
@@ -281,15 +284,7 @@ def sec_parity(dev, args):
     em, cm = copy.deepcopy(base), copy.deepcopy(base)
     eo = torch.optim.AdamW(em.parameters(), lr=1e-3, weight_decay=0.1)
     co = torch.optim.AdamW(cm.parameters(), lr=1e-3, weight_decay=0.1)
-
-    def step(ids):
-        loss = cm(input_ids=ids, labels=ids).loss
-        loss.backward()
-        co.step()
-        co.zero_grad()
-        return loss.detach()
-
-    cstep = torch.compile(step, backend="lowrank", options={"rank": None, "state_bits": 32})
+    cstep = train_step(cm, co, "lowrank", {"rank": None, "state_bits": 32})
     gen = torch.Generator(device="cpu").manual_seed(1)
     worst = 0.0
     for _ in range(5):
@@ -298,12 +293,7 @@ def sec_parity(dev, args):
         eo.step()
         eo.zero_grad()
         cstep(ids)
-        worst = max(
-            worst,
-            max(
-                ((a - b).abs().max() / b.abs().max()).item() for a, b in zip(cm.parameters(), em.parameters())
-            ),
-        )
+        worst = max(worst, worst_rel_err(cm, em)[0])
     plan = lowrank_compile.current_plan()
     kinds = [str(p.kind) for p in plan.params]
     full = sum(k == str(Kind.FULL) for k in kinds)
@@ -340,13 +330,7 @@ def sec_parity(dev, args):
         ref.step()
         ref.zero_grad()
         cstep2(batch)
-        worst = max(
-            worst,
-            max(
-                ((a - b).abs().max() / b.abs().max()).item()
-                for a, b in zip(cm2.parameters(), rm.parameters())
-            ),
-        )
+        worst = max(worst, worst_rel_err(cm2, rm)[0])
     proj = sorted(p.name for p in lowrank_compile.current_plan().params if p.kind == Kind.PROJECTED)
     say(f"(b) GaLore rank 8 vs the eager GaLore reference, float64 MLP on {dev.type}, 7 steps: worst rel "
         f"diff "
@@ -392,18 +376,7 @@ def sec_step(dev, args):
                 torch.cuda.empty_cache()
             model = copy.deepcopy(base).to(dev)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, **kw)
-
-            def step(ids, model=model, opt=opt):
-                loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                return loss.detach()
-
-            if backend == "inductor":
-                step = torch.compile(step, backend="inductor")
-            elif backend == "lowrank":
-                step = torch.compile(step, backend="lowrank", options=options)
+            step = train_step(model, opt, backend, options)
             t = time.perf_counter()
             step(data[0])
             sync(dev)

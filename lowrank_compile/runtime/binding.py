@@ -52,6 +52,8 @@ from lowrank_compile.runtime import projector as pm
 from lowrank_compile.runtime import projector_quant
 from lowrank_compile.runtime import quant
 from lowrank_compile.runtime import refresh
+from lowrank_compile.runtime.kernels.adamw8bit import adamw8bit_applicable
+from lowrank_compile.runtime.kernels.adamw8bit import adamw8bit_update
 from lowrank_compile.runtime.rules import Rule
 from lowrank_compile.runtime.rules import trace_rule
 from lowrank_compile.runtime.state import ParamState
@@ -821,9 +823,6 @@ class OptimizerBinding:
         m, v, grad = ostate["exp_avg"], ostate["exp_avg_sq"], st.grad
         if not isinstance(m, quant.QState) or not isinstance(v, quant.QState) or grad is None:
             return False
-        from lowrank_compile.runtime.kernels.adamw8bit import adamw8bit_applicable
-        from lowrank_compile.runtime.kernels.adamw8bit import adamw8bit_update
-
         if not adamw8bit_applicable(st.view, grad, m, v):
             return False
         counter = ostate["step"]
