@@ -211,6 +211,13 @@ def dynamo_disable(fn: Callable[..., Any]) -> Callable[..., Any]:
 HASH_INDEX_NOTE = "iota + a zero read from a tensor: no int32 index expression on Triton"
 
 
+def inductor_lowers(op: Any) -> bool:
+    """Whether Inductor has a lowering for the aten overload `op` (else it builds a fallback on the fly)."""
+    from torch._inductor.lowering import lowerings
+
+    return op in lowerings
+
+
 # The Dynamo flag that lets a checkpointed region with Python side effects compile (the side
 # effects then run once in the forward, not again in the recomputation).
 CHECKPOINT_SIDE_EFFECTS_FLAG = "skip_fwd_side_effects_in_bwd_under_checkpoint"

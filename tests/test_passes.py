@@ -79,3 +79,34 @@ def test_consume_grads_accumulates_with_eager_semantics():
 def test_uuid_tracks_options():
     a, b = ConsumeGradients((GradSlot(0),)), ConsumeGradients((GradSlot(1),))
     assert a.uuid() != b.uuid() and a.uuid() == ConsumeGradients((GradSlot(0),)).uuid()
+
+
+def test_inlined_consumers_reject_in_place_ops_inductor_cannot_lower():
+    """A consumer with `clamp_` on an intermediate is refused at trace time; `copy_` into a buffer is not.
+
+    Inductor has no lowering for `aten.clamp_` and builds a fallback, which raises when CI is set
+    (the 8-bit projector's quantizer once did this: CI failed, local runs passed). Reference: the
+    same functions traced by make_fx, and the op lookup in Inductor's own lowering table.
+    """
+    import pytest
+    from torch._inductor.lowering import lowerings
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from lowrank_compile.passes.consume_grads import _reject_aten_mutation
+
+    def clamps(x):
+        return (x * 2).clamp_(0, 1)
+
+    def copies(buf, x):
+        buf.copy_(x * 2)
+        return buf
+
+    x = torch.randn(4)
+    gm = make_fx(clamps)(x)
+    assert torch.ops.aten.clamp_.default in [n.target for n in gm.graph.nodes]
+    assert torch.ops.aten.clamp_.default not in lowerings
+    with pytest.raises(RuntimeError, match=r"'clamps' traced to the in-place op aten\.clamp_"):
+        _reject_aten_mutation(gm.graph, clamps)
+    gm2 = make_fx(copies)(torch.zeros(4), x)
+    assert torch.ops.aten.copy_.default in [n.target for n in gm2.graph.nodes]
+    _reject_aten_mutation(gm2.graph, copies)  # lowered by Inductor: accepted

@@ -56,6 +56,7 @@ from typing import cast
 import torch
 import torch.fx
 
+from lowrank_compile import _compat
 from lowrank_compile.passes.base import GraphPass
 
 __all__ = [
@@ -391,6 +392,30 @@ def update_refresh(
     _call_update(token, [_project(g, proj, left, acc_dtype), new], anchors, "refresh")
 
 
+def _reject_aten_mutation(traced: torch.fx.Graph, fn: Any) -> None:
+    """Raise if a traced consumer kept an in-place aten op that Inductor has no lowering for.
+
+    make_fx here does not functionalize, so in-place ops reach Inductor as written. Those it lowers
+    (`copy_`/`add_` into a backend buffer) are fine; any other goes through a fallback Inductor builds
+    on the fly, and with the environment variable CI set (as GitHub Actions and most CI systems do)
+    that is an error for every op that has a decomposition (`aten.clamp_` was:
+    torch/_inductor/lowering.py::make_fallback). Our own custom ops are not aten and are left alone.
+    """
+    for node in traced.nodes:
+        target = node.target
+        if (
+            node.op == "call_function"
+            and isinstance(target, torch._ops.OpOverload)
+            and target.namespace == "aten"
+            and target._schema.is_mutable
+            and not _compat.inductor_lowers(target)
+        ):
+            raise RuntimeError(
+                f"consume-grads: the consumer {getattr(fn, '__name__', fn)!r} traced to the in-place op "
+                f"{target}; write it out of place (Inductor rejects the fallback when CI is set)"
+            )
+
+
 def _inline(
     graph: torch.fx.Graph, after: torch.fx.Node, fn: Any, args: Sequence[torch.fx.Node], fake_mode: Any
 ) -> torch.fx.Node:
@@ -401,6 +426,7 @@ def _inline(
     vals = [a.meta["val"] for a in args]
     with fake_mode:
         traced = make_fx(fn, decomposition_table=select_decomp_table())(*vals)
+    _reject_aten_mutation(traced.graph, fn)
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     inputs = iter(args)
     cursor = after

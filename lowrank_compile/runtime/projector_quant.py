@@ -52,7 +52,7 @@ def quantize(p: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     top = (1 << bits) - 1
     scale = (hi - lo) / top
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: every code 0
-    q = torch.round((x - lo) / scale).clamp_(0, top).to(torch.uint8)
+    q = torch.round((x - lo) / scale).clamp(0, top).to(torch.uint8)
     if bits == 4:
         q = q[:, 0::2] | (q[:, 1::2] << 4)
     return q.contiguous(), torch.cat([scale, lo], dim=1).contiguous()
