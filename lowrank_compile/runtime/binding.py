@@ -24,8 +24,9 @@ rule, and quantizes the result, all inside one graph that Inductor fuses. The up
 of parameter and shape is one function, compiled once by torch.compile and Inductor with static
 shapes and a private code object (its own Dynamo cache); its scalar terms are computed once per
 call (the `hoist-scalars` pass). `lr`, the weight decay and the rule's lifted hyper-parameters
-(runtime/rules.py) are float64 tensors filled from the param group at every update, so
-schedulers that change lr, betas, momentum or weight decay cause no recompiles.
+(runtime/rules.py) are float64 tensors read from the param group at every update (and written
+only when a value changed: on an accelerator each write is a launch), so schedulers that change
+lr, betas, momentum or weight decay cause no recompiles.
 """
 
 from __future__ import annotations
