@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from functorch.compile import aot_function
@@ -88,7 +89,6 @@ def test_inlined_consumers_reject_in_place_ops_inductor_cannot_lower():
     (the 8-bit projector's quantizer once did this: CI failed, local runs passed). Reference: the
     same functions traced by make_fx, and the op lookup in Inductor's own lowering table.
     """
-    import pytest
     from torch._inductor.lowering import lowerings
     from torch.fx.experimental.proxy_tensor import make_fx
 

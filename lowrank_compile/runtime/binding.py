@@ -81,8 +81,8 @@ class _Item:
     wd: float  # the decay the backend applies (decoupled on W, or L2 added to the gradient)
     hps: torch.Tensor | None = None  # (k,) float64: the rule's lifted hyper-parameters (rules.py)
     wd_t: torch.Tensor | None = None  # (1,) float64: `wd` as the compiled update reads it
-    wd_now: float | None = None  # the value `wd_t` holds
-    hps_now: tuple[float, ...] | None = None  # the values `hps` holds
+    wd_now: tuple[float, ...] | None = None  # the value `wd_t` holds (`_write`)
+    hps_now: tuple[float, ...] | None = None  # the values `hps` holds (`_write`)
     first: bool = True  # the next update is the parameter's first (the rule's `first` runs)
     active: bool = False  # it has a gradient this step
     kstep: int | None = None  # the Triton kernel's host copy of the step counter (`_kernel_update`)
@@ -91,6 +91,20 @@ class _Item:
 def binding_of(opt: torch.optim.Optimizer) -> OptimizerBinding | None:
     """The binding installed on `opt`, if any."""
     return getattr(opt, _ATTR, None)
+
+
+def _write(t: torch.Tensor, values: tuple[float, ...], held: tuple[float, ...] | None) -> tuple[float, ...]:
+    """Write `values` into the float64 tensor `t` unless it holds them already; return what it holds.
+
+    lr, weight decay and the lifted hyper-parameters are read at every update but rarely change;
+    on an accelerator each write is a launch or a host-to-device copy.
+    """
+    if values != held:
+        if len(values) == 1:
+            t.fill_(values[0])
+        else:
+            t.copy_(torch.tensor(values, dtype=torch.float64))
+    return values
 
 
 def _private_code(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
@@ -381,8 +395,7 @@ class OptimizerBinding:
         self.id = next(_ids)
         self._items: list[_Item] = []
         self._lrs: dict[int, torch.Tensor] = {}
-        self._lr_now: dict[int, float] = {}  # the value each `_lrs` tensor holds
-        self._signatures: dict[tuple[int, bool], tuple[Any, ...]] = {}
+        self._lr_now: dict[int, tuple[float, ...]] = {}  # the value each `_lrs` tensor holds (`_write`)
         self._compiled: dict[tuple[Any, ...], Callable[..., Any]] | None = None
         self._decoupled = False
         self._hook_handle: Any = None
@@ -595,21 +608,16 @@ class OptimizerBinding:
             self._build()
 
     def _set_lr(self, group: int) -> None:
-        """Fill the group's lr tensor from its param group (a launch on an accelerator: only on a change)."""
-        value = float(self.opt.param_groups[group]["lr"])
-        if self._lr_now.get(group) != value:
-            self._lrs[group].fill_(value)
-            self._lr_now[group] = value
+        """Fill the group's lr tensor from its param group."""
+        value = (float(self.opt.param_groups[group]["lr"]),)
+        self._lr_now[group] = _write(self._lrs[group], value, self._lr_now.get(group))
 
     def _read_group(self, it: _Item) -> None:
         """Fill item `it`'s decay and lifted hyper-parameters from its param group, as they are now."""
         group = self.opt.param_groups[it.st.group]
         it.wd = self.rule.weight_decay(self.opt, group)
         if it.hps is not None and it.rule.hp_keys:
-            values = tuple(it.rule.hp_values(group))
-            if values != it.hps_now:  # a host-to-device copy on an accelerator: only on a change
-                it.hps.copy_(torch.tensor(values, dtype=torch.float64))
-                it.hps_now = values
+            it.hps_now = _write(it.hps, tuple(it.rule.hp_values(group)), it.hps_now)
 
     def update_now(self, st: ParamState, values: list[torch.Tensor], mode: str) -> None:
         """`update_in_backward`: update `st` from what its backward consumer just made (runtime/update_op.py).
@@ -886,10 +894,7 @@ class OptimizerBinding:
         as_blocks = any(isinstance(s, quant.QState) for s in stores) and target.numel() % quant.BLOCK == 0
         if it.wd_t is None:
             it.wd_t = torch.zeros(1, dtype=torch.float64, device=st.view.device)
-            it.wd_now = None
-        if it.wd != it.wd_now:  # a fill is a kernel launch on an accelerator: only on a change
-            it.wd_t.fill_(it.wd)
-            it.wd_now = it.wd
+        it.wd_now = _write(it.wd_t, (it.wd,), it.wd_now)
         decay: str | None
         if self._decoupled:
             decay = "decoupled"
